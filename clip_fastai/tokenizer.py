@@ -80,12 +80,22 @@ class ClipTokenizer(DisplayedTransform):
     def encodes(self, texts:list):
         "`LongTensor` of shape [len(texts), context_length]"
         return torch.from_numpy(self._encode_batch(texts))
-    def encodes(self, o:object):
-        # Without this, the `Transform` machinery would silently hand anything else back unchanged
-        raise TypeError(f"ClipTokenizer encodes a str or a list of str, not {type(o).__name__}: {_shorten(repr(o))}")
-
-    def decodes(self, ids:torch.Tensor|np.ndarray|list):
+    def decodes(self, ids:TensorText):
         "Text of 1-D `ids` (a `TitledStr`), or a list of texts for 2-D `ids`"
+        return self._decode_any(ids)
+
+    def __call__(self, o, **kwargs):
+        # Without this check, the `Transform` machinery would silently hand anything else back unchanged.
+        # Tuples are items of a pipeline (`after_item`): their other parts (images, targets) pass through.
+        if not isinstance(o, (str, list, tuple)):
+            raise TypeError(f"ClipTokenizer encodes a str or a list of str, not {type(o).__name__}: {_shorten(repr(o))}")
+        return super().__call__(o, **kwargs)
+
+    def decode(self, ids, **kwargs):
+        "Text of 1-D `ids`, or a list of texts for 2-D `ids`; in a pipeline's tuple only the `TensorText` is decoded"
+        return super().decode(ids, **kwargs) if isinstance(ids, tuple) else self._decode_any(ids)
+
+    def _decode_any(self, ids:torch.Tensor|np.ndarray|list):
         ids = torch.as_tensor(ids)
         if ids.ndim == 2: return [self._decode_ids(row) for row in ids.tolist()]
         if ids.ndim != 1: raise ValueError(f"ClipTokenizer decodes 1-D or 2-D ids, got shape {tuple(ids.shape)}")

@@ -1,5 +1,5 @@
 "Run every notebook in `nbs/` through `nbdev-test` (slow cells included), one pytest test per notebook."
-import subprocess, sys
+import os, subprocess, sys
 from pathlib import Path
 import pytest
 
@@ -9,6 +9,8 @@ nbdev_test = Path(sys.executable).parent/'nbdev-test'
 
 @pytest.mark.parametrize('notebook', notebooks, ids=lambda p: p.stem)
 def test_notebook(notebook):
+    # pytest-xdist already runs one notebook per core: one thread each keeps the cores from being oversubscribed
+    env = {**os.environ, 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '1')}
     result = subprocess.run([str(nbdev_test), str(notebook), '--flags', 'slow', '--n-workers', '0'],
-                            cwd=root, capture_output=True, text=True)
+                            cwd=root, capture_output=True, text=True, env=env)
     assert result.returncode == 0, f"{notebook.name} failed:\n{result.stdout}\n{result.stderr}"
