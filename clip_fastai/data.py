@@ -56,14 +56,14 @@ class PickCaption(RandTransform):
 
 # %% ../nbs/02_data.ipynb #89a64c3b
 def check_captions(captions, # One caption, or a list of them
-                   row): # The row or item to name in an error
-    "The list of captions of `row`, each a non-empty string"
+                   where:str): # What to name in an error: "Row 3", "Class cat", ...
+    "The list of captions, each a non-empty string, or an error that says `where` the bad one is"
     if isinstance(captions, (str, type(None), float)) or not hasattr(captions, '__iter__'): captions = [captions]
     captions = list(captions)
-    if not captions: raise ValueError(f"Row {row} has no caption")
+    if not captions: raise ValueError(f"{where} has no caption")
     for c in captions:
-        if not isinstance(c, str): raise ValueError(f"Row {row}: caption {c!r} is a {type(c).__name__}, not a string")
-        if not c.strip(): raise ValueError(f"Row {row}: caption is empty")
+        if not isinstance(c, str): raise ValueError(f"{where}: caption {c!r} is a {type(c).__name__}, not a string")
+        if not c.strip(): raise ValueError(f"{where}: caption is empty")
     return captions
 
 # %% ../nbs/02_data.ipynb #01b443c5
@@ -124,10 +124,15 @@ class CaptionDataLoaders(DataLoaders):
                    **kwargs):
         "Check `table` and build the `DataLoaders`"
         table = check_images(table, skip_bad_images)
-        for image, captions in zip(table['image'], table['captions']): check_captions(captions, image)
+        for image, captions in zip(table['image'], table['captions']): check_captions(captions, f"Image {image}")
         dblock = caption_datablock(tokenizer, image_size, min_scale, item_tfms, batch_tfms)
         dls = dblock.dataloaders(table, bs=bs, **kwargs)
         return cls(*dls.loaders, path=dls.path, device=dls.device)
+
+    @property
+    def tokenizer(self):
+        "The `ClipTokenizer` that encodes the captions"
+        return next(t for t in self.train_ds.tls[1].tfms.fs if isinstance(t, ClipTokenizer))
 
     @classmethod
     @delegates(from_table)
@@ -144,7 +149,7 @@ class CaptionDataLoaders(DataLoaders):
         if missing: raise KeyError(f"Column(s) {missing} not in the table, whose columns are {list(df.columns)}")
         images = df[image_col].map(lambda f: Path(path)/f)
         table = pd.DataFrame({'image': images.values,
-                              'captions': [check_captions(c, f"{i} ({f})") for i,(c,f) in enumerate(zip(df[caption_col], df[image_col]))],
+                              'captions': [check_captions(c, f"Row {i} ({f})") for i,(c,f) in enumerate(zip(df[caption_col], df[image_col]))],
                               'match_id': pd.factorize(images.map(str))[0],
                               'is_valid': (df[valid_col].astype(bool).values if valid_col else _split_by_image(images.map(str), valid_pct, seed).values)})
         return cls.from_table(table, **kwargs)
@@ -175,7 +180,7 @@ class CaptionDataLoaders(DataLoaders):
             data = json.loads((path/fname).read_text())
             captions = {}
             for a in data['annotations']: captions.setdefault(a['image_id'], []).append(a['caption'])
-            rows = [(path/folder/im['file_name'], check_captions(captions.get(im['id'], []), f"image {im['id']} ({im['file_name']})"))
+            rows = [(path/folder/im['file_name'], check_captions(captions.get(im['id'], []), f"Image {im['id']} ({im['file_name']})"))
                     for im in data['images']]
             return pd.DataFrame(rows, columns=['image', 'captions'])
         train = read(captions_json, images_folder)
@@ -221,9 +226,9 @@ def load_descriptions(descriptions) -> dict:
         import yaml
         descriptions = yaml.safe_load(Path(descriptions).read_text())
     if not isinstance(descriptions, dict): raise TypeError(f"Descriptions must be a dict or a YAML file of one, not {type(descriptions).__name__}")
-    return {str(c): check_captions(d, f"class {c}") for c, d in descriptions.items()}
+    return {str(c): check_captions(d, f"Class {c}") for c, d in descriptions.items()}
 
-# %% ../nbs/02_data.ipynb #53bd2e4a
+# %% ../nbs/02_data.ipynb #5bc38756
 _digit_names = ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine']
 _digit_templates = ['a handwritten digit {name}', 'the number {digit} written by hand', 'a scan of a handwritten {name}',
                     'a small grey image of the digit {digit}', 'someone wrote the number {name}', 'a {name}, drawn with a pen',
@@ -234,7 +239,7 @@ def digit_descriptions(templates=None # Caption templates with `{name}` and/or `
     "Captions for each digit class '0'..'9', one per template"
     return {str(d): [t.format(name=n, digit=d) for t in ifnone(templates, _digit_templates)] for d, n in enumerate(_digit_names)}
 
-# %% ../nbs/02_data.ipynb #5bc38756
+# %% ../nbs/02_data.ipynb #6c56b31c
 def make_digits_folder(path, # Folder to write `train/` and `valid/` class folders into
                        size:int=32, # Side of the upscaled images
                        valid_pct:float=0.2, # Share of images written to `valid/`
