@@ -175,7 +175,9 @@ class VisionTransformer(nn.Module):
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
-    def set_grad_checkpointing(self, enable=True, nchunks=None): self.transformer.set_grad_checkpointing(enable, nchunks)
+    def set_grad_checkpointing(self, enable:bool=True, nchunks:int=None):
+        "Switch gradient checkpointing of the transformer on or off (see `GradCheckpointing`)"
+        self.transformer.set_grad_checkpointing(enable, nchunks)
 
     def forward(self, x): # [batch, 3, input_resolution, input_resolution]
         x = self.conv1(x)  # [batch, width, grid, grid]
