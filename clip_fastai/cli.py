@@ -33,10 +33,8 @@ def caption_dataloaders(data, # CSV file, COCO JSON file, class folder, or None 
     "`CaptionDataLoaders` for the command's data argument"
     common = dict(tokenizer=tokenizer, image_size=image_size, bs=bs, **kwargs)
     if data is None:
-        from fastai.distributed import rank0_first
-        folder = Path(tempfile.gettempdir())/'clip_fastai_digits'
-        if num_distrib() > 1: rank0_first(make_digits_folder, folder)
-        else: make_digits_folder(folder)
+        # a folder per process: the same files (the split is seeded), and no process reads another's half-written file
+        folder = make_digits_folder(Path(tempfile.gettempdir())/f'clip_fastai_digits_{rank_distrib()}')
         return CaptionDataLoaders.from_folder(folder, digit_descriptions(), **common)
     data = Path(data)
     if not data.exists(): raise FileNotFoundError(f"No such data: {data}")
@@ -84,7 +82,10 @@ def clip_fastai_train(
         from fastai.distributed import distrib_ctx
         from clip_fastai.distributed import DistributedCLIPTrainer
         learn.remove_cb(learn.clip_trainer).add_cb(DistributedCLIPTrainer())
-        with learn.distrib_ctx(): learn.fit_one_cycle(epochs, lr)
+        # without a GPU, accelerate sets up its (gloo) process group only when told to use the CPU,
+        # and PyTorch's SyncBatchNorm (for the ResNet towers) works only on GPUs
+        on_cpu = not torch.cuda.is_available()
+        with learn.distrib_ctx(sync_bn=not on_cpu, cpu=on_cpu): learn.fit_one_cycle(epochs, lr)
     else: learn.fit_one_cycle(epochs, lr)
     if rank_distrib() == 0: save_trained(learn, tokenizer, Path(out))
     return learn
