@@ -6,18 +6,19 @@
 __all__ = ['build_model', 'caption_dataloaders', 'clip_fastai_train', 'save_trained']
 
 # %% ../nbs/08_cli.ipynb #996213f8
-import os, tempfile, pickle
+import os, sys, time, tempfile, pickle
 from pathlib import Path
 import torch
 from fastcore.script import call_parse
+from fastai.torch_core import rank_distrib, num_distrib, set_seed
 from fastai.callback.schedule import fit_one_cycle
 from fastai.callback.fp16 import to_fp16, to_bf16
-from fastai.torch_core import rank_distrib, num_distrib
 from .tokenizer import ClipTokenizer
 from .model import CLIP, clip_configs
 from .data import CaptionDataLoaders, make_digits_folder, digit_descriptions
 from .train import clip_learner, unwrap_model
 from .metrics import RetrievalAtK
+from .distributed import DistributedCLIPTrainer, lone_accelerate_cpu_process
 
 # %% ../nbs/08_cli.ipynb #0fc0bf7d
 def build_model(name:str, image_size:int, tokenizer, checkpoint=False) -> CLIP:
@@ -47,6 +48,40 @@ def caption_dataloaders(data, # CSV file, COCO JSON file, class folder, or None 
                                               valid_pct=None if has_valid else valid_pct, seed=seed, **common)
     raise ValueError(f"Don't know how to read {data}: give a .csv, a COCO .json or a folder")
 
+# %% ../nbs/08_cli.ipynb #5588337f
+class ArgumentError(ValueError):
+    "A bad argument of `clip-fastai-train`: the command prints it as one line and exits with status 2"
+
+def check_arguments(data=None, descriptions=None, images=None, model='tiny-resnet', image_size=32, context_length=77,
+                    bs=64, epochs=12, lr=3e-3, precision='fp32', valid_pct=0.2, num_workers=None, out='clip_model'):
+    "Raise `ArgumentError` for the first bad argument of `clip_fastai_train`; read no data, build nothing"
+    if model not in clip_configs: raise ArgumentError(f"--model {model!r} is unknown; choose one of {', '.join(clip_configs)}")
+    if precision not in ('fp32', 'fp16', 'bf16'): raise ArgumentError(f"--precision must be fp32, fp16 or bf16, not {precision!r}")
+    for name, value in dict(image_size=image_size, context_length=context_length, bs=bs, epochs=epochs).items():
+        if value < 1: raise ArgumentError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+    smallest = clip_configs[model](image_size, context_length)['vision_patch_size'] or 32 # a ResNet downsamples 32 times
+    if image_size < smallest: raise ArgumentError(f"--image-size {image_size} is smaller than {model}'s {smallest} pixels per feature")
+    if not lr > 0: raise ArgumentError(f"--lr must be positive, not {lr}")
+    if not 0 < valid_pct < 1: raise ArgumentError(f"--valid-pct must be between 0 and 1, not {valid_pct}")
+    if num_workers is not None and num_workers < 0: raise ArgumentError(f"--num-workers must be 0 or more, not {num_workers}")
+    if data is not None:
+        path = Path(data)
+        if not path.exists(): raise ArgumentError(f"data {data} does not exist; give a .csv, a COCO .json or a folder of class folders")
+        if path.is_dir() and descriptions is None:
+            raise ArgumentError(f"{data} is a folder of class folders: it needs --descriptions, a YAML file of class: description(s)")
+        if not path.is_dir() and path.suffix not in ('.csv', '.json'):
+            raise ArgumentError(f"don't know how to read {data}; give a .csv, a COCO .json or a folder of class folders")
+    if descriptions is not None and (data is None or not Path(data).is_dir()):
+        raise ArgumentError("--descriptions is for a folder of class folders as data")
+    if descriptions is not None and not Path(descriptions).is_file(): raise ArgumentError(f"--descriptions {descriptions} is not a file")
+    if images is not None and (data is None or Path(data).suffix != '.json'): raise ArgumentError("--images is for a COCO .json file as data")
+    if images is not None and not (Path(data).parent/images).is_dir():
+        raise ArgumentError(f"--images {images} is not a folder (it is read relative to {Path(data).parent})")
+    out = Path(out).absolute()
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir(): raise ArgumentError(f"--out {out} cannot be a folder: {existing} is a file")
+    if not os.access(existing, os.W_OK): raise ArgumentError(f"--out {out} cannot be written: {existing} is read-only")
+
 # %% ../nbs/08_cli.ipynb #3445069e
 @call_parse(pos=['data'])
 def clip_fastai_train(
@@ -63,38 +98,58 @@ def clip_fastai_train(
     checkpoint:bool=False, # Recompute activations in backward to save memory
     valid_pct:float=0.2, # Share of the data for validation when there is no validation set
     num_workers:int=None, # DataLoader worker processes (default: fastai's)
-    seed:int=42, # Random seed
+    seed:int=42, # Random seed of everything: split, weights, batches, captions drawn
     out:str='clip_model', # Folder for model.pth, tokenizer.pkl and learner.pkl
 ):
     "Train a CLIP model with fastai and save it"
-    torch.manual_seed(seed)
-    tokenizer = ClipTokenizer(context_length=context_length)
-    loader_kwargs = {} if num_workers is None else {'num_workers': num_workers}
-    dls = caption_dataloaders(data, tokenizer, image_size, bs, descriptions, images, valid_pct, seed, **loader_kwargs)
+    start = time.time()
+    try:
+        check_arguments(data, descriptions, images, model, image_size, context_length, bs, epochs, lr, precision, valid_pct,
+                        num_workers, out)
+        if lone_accelerate_cpu_process():
+            raise ArgumentError("`accelerate launch --cpu` started 1 process (without MPI it starts no more); for N CPU processes run "
+                                "`accelerate launch --multi_gpu --num_processes N $(which clip-fastai-train) ...` on a machine "
+                                "without GPU, or `torchrun --nproc_per_node N --no-python clip-fastai-train ...`")
+        out = Path(out).absolute() # `learn.path` is `out`: a relative one would be joined to itself
+        set_seed(seed, reproducible=True)
+        tokenizer = ClipTokenizer(context_length=context_length)
+        loader_kwargs = {} if num_workers is None else {'num_workers': num_workers}
+        # the data module's errors name the bad file, row or class: one line is enough
+        try: dls = caption_dataloaders(data, tokenizer, image_size, bs, descriptions, images, valid_pct, seed, **loader_kwargs)
+        except (ValueError, FileNotFoundError) as e: raise ArgumentError(f"{data}: {e}") from e
+    except ArgumentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
     # with class folders every image of a class shares its captions: count wrong classes, not wrong rows
     candidates = 'ids' if hasattr(dls, 'classes') else 'rows'
     metrics = [RetrievalAtK(k, candidates=candidates) for k in (1, 5, 'median')]
     learn = clip_learner(dls, build_model(model, image_size, tokenizer, checkpoint), metrics=metrics, path=out, model_dir='.')
     if precision == 'fp16': learn.to_fp16()
     elif precision == 'bf16': learn.to_bf16()
-    elif precision != 'fp32': raise ValueError(f"precision must be fp32, fp16 or bf16, not {precision!r}")
     if num_distrib() > 1:
-        from fastai.distributed import distrib_ctx
-        from clip_fastai.distributed import DistributedCLIPTrainer
         learn.remove_cb(learn.clip_trainer).add_cb(DistributedCLIPTrainer())
-        # without a GPU, accelerate sets up its (gloo) process group only when told to use the CPU,
-        # and PyTorch's SyncBatchNorm (for the ResNet towers) works only on GPUs
-        on_cpu = not torch.cuda.is_available()
-        with learn.distrib_ctx(sync_bn=not on_cpu, cpu=on_cpu): learn.fit_one_cycle(epochs, lr)
+        with learn.distrib_ctx(): learn.fit_one_cycle(epochs, lr)  # on CPU: gloo, and no SyncBatchNorm
     else: learn.fit_one_cycle(epochs, lr)
-    if rank_distrib() == 0: save_trained(learn, tokenizer, Path(out))
+    if rank_distrib() == 0:
+        save_trained(learn, tokenizer, out)
+        print(training_summary(learn, out, time.time() - start))
     return learn
 
 # %% ../nbs/08_cli.ipynb #c56c20c1
 def save_trained(learn, tokenizer, out:Path):
-    "Save `model.pth`, `tokenizer.pkl` and `learner.pkl` in `out`"
+    "Save `model.pth` (configuration and weights), `tokenizer.pkl` and `learner.pkl` in `out`"
+    out = Path(out).absolute() # `learn.export` writes to `learn.path/fname`: an absolute `fname` is taken as it is
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(unwrap_model(learn.model).state_dict(), out/'model.pth')
+    model = unwrap_model(learn.model)
+    torch.save({'config': model.config, 'state_dict': model.state_dict()}, out/'model.pth')
     (out/'tokenizer.pkl').write_bytes(pickle.dumps(tokenizer))
     learn.export(out/'learner.pkl')
-    print(f"Saved model.pth, tokenizer.pkl and learner.pkl in {out}")
+
+# %% ../nbs/08_cli.ipynb #b8f86b16
+def training_summary(learn, out:Path, seconds:float) -> str:
+    "The command's last words: epochs, time taken, final losses and metrics, where the files are"
+    values = dict(zip(learn.recorder.metric_names[1:-1], learn.recorder.values[-1]))
+    minutes, seconds, epochs = *divmod(round(seconds), 60), len(learn.recorder.values)
+    return (f"Trained {epochs} epoch{'s' * (epochs != 1)} in {minutes}m {seconds:02d}s: "
+            + ', '.join(f"{name} {value:.4g}" for name, value in values.items())
+            + f"\nSaved in {out}: model.pth (CLIP.from_state_dict), tokenizer.pkl, learner.pkl (load_learner)")

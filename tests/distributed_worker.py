@@ -14,7 +14,7 @@ from fastai.optimizer import OptimWrapper
 from fastai.torch_core import rank_distrib
 from accelerate import PartialState
 import fastai.distributed  # `Learner.distrib_ctx`
-from clip_fastai.model import CLIP, tiny_vit_config
+from clip_fastai.model import CLIP, tiny_vit_config, tiny_resnet_config
 from clip_fastai.data import TensorMatchId
 from clip_fastai.metrics import RetrievalAtK
 from clip_fastai.train import clip_learner, unwrap_model, no_weight_decay_params
@@ -149,6 +149,15 @@ def scenario_metrics():
     learn.remove_cb(learn.clip_trainer).add_cb(DistributedCLIPTrainer())
     with learn.distrib_ctx(cpu=True): values = learn.validate()
     return {'values': values[1:], 'names': [m.name for m in learn.metrics]}
+
+def scenario_resnet_defaults():
+    "A ResNet CLIP under `CLIPLearner.distrib_ctx()` with no arguments: on CPU, no `SyncBatchNorm` (DDP needs a GPU for it)"
+    torch.manual_seed(0)
+    learn = clip_learner(make_dls(make_items(16, seed=5), 4), CLIP(**tiny_resnet_config(32, CONTEXT, VOCAB)))
+    learn.remove_cb(learn.clip_trainer).add_cb(DistributedCLIPTrainer())
+    with learn.distrib_ctx(): learn.fit(1, 1e-3)
+    return {'state': {k: v.detach().clone() for k, v in unwrap_model(learn.model).state_dict().items()},
+            'batchnorm': type(unwrap_model(learn.model).visual.bn1).__name__}
 
 if __name__ == '__main__':
     out, scenarios = Path(sys.argv[1]), sys.argv[2:]

@@ -126,6 +126,21 @@ def test_contrastive_accumulation_distributed(optimizer_results):
         for mode in ('full', 'local'): assert_close_tensors(result[mode][0]['grads'], expected['grads'])
         torch.testing.assert_close(result['full'][0]['loss'], expected['loss'], rtol=1e-5, atol=0)
 
+def test_resnet_distrib_ctx_defaults(tmp_path):
+    "On CPU, `learn.distrib_ctx()` with no arguments trains a ResNet in 2 processes, which end with the same weights"
+    results = launch(tmp_path, 'resnet_defaults')('resnet_defaults')
+    assert [r['batchnorm'] for r in results] == ['BatchNorm2d', 'BatchNorm2d']
+    state0, state1 = results[0]['state'], results[1]['state']
+    # parameters are synchronised by DDP; BatchNorm running statistics are each process's own
+    for name in state0:
+        if 'running' in name or 'num_batches' in name: continue
+        torch.testing.assert_close(state0[name], state1[name], rtol=0, atol=0, msg=name)
+    assert all(torch.isfinite(v.float()).all() for v in state0.values())
+    torch.manual_seed(0)
+    from clip_fastai.model import CLIP, tiny_resnet_config
+    initial = CLIP(**tiny_resnet_config(32, 16, 1000)).state_dict()
+    assert not torch.equal(initial['text_projection'], state0['text_projection'])
+
 # the training command, as a user runs it on a machine without GPU
 
 def check_trained(out:Path):
