@@ -21,7 +21,7 @@ from fastai.optimizer import OptimWrapper, detuplify_pg, set_item_pg
 from fastai.learner import Learner
 from fastai.distributed import DistributedDL
 from .model import batchnorm_statistics_kept
-from .train import CLIPLearner, CLIPTrainer, ContrastiveLoss, contrastive_loss, match_ids_of, no_weight_decay_params, unwrap_model
+from .train import CLIPLearner, CLIPTrainer, clip_optimizer, match_targets, ContrastiveLoss, contrastive_loss, match_ids_of, no_weight_decay_params, unwrap_model
 
 # %% ../nbs/05_distributed.ipynb #1cf22e86
 def process_group_size() -> int:
@@ -82,9 +82,7 @@ def local_contrastive_loss(image_features, # This process's L2-normalised image 
     logits_per_image = logit_scale * image_features @ all_text_features.t()  # [n, N]
     logits_per_text = logit_scale * text_features @ all_image_features.t()  # [n, N]
     if match_ids is None: targets = torch.arange(offset, offset + len(image_features), device=logits_per_image.device)
-    else:
-        same = (match_ids.reshape(-1, 1) == all_match_ids.reshape(1, -1)).float()  # [n, N]
-        targets = same / same.sum(1, keepdim=True)
+    else: targets = match_targets(match_ids, len(image_features), column_ids=all_match_ids)  # [n, N]
     return (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets)) / 2
 
 # %% ../nbs/05_distributed.ipynb #4516e044
@@ -226,10 +224,15 @@ class ShardedOptimizer(OptimWrapper):
         if self.sharded: self.opt.consolidate_state_dict(to)
 
 # %% ../nbs/05_distributed.ipynb #6d497658
+def _torch_adamw_settings(fastai_settings:dict) -> dict:
+    "fastai `Adam`'s hyper-parameters in `torch.optim.AdamW`'s names"
+    s = fastai_settings
+    return dict(betas=(s['mom'], s['sqr_mom']), eps=s['eps'], weight_decay=s['wd'])
+
 def sharded_clip_optimizer(model): # The `CLIP` model, to find its parameters without weight decay
     "`opt_func` for a `Learner`: the paper's AdamW settings (as `clip_optimizer`), its state sharded over the processes"
     return partial(ShardedOptimizer, opt=torch.optim.AdamW, no_decay=no_weight_decay_params(model),
-                   betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
+                   **_torch_adamw_settings(clip_optimizer.keywords))
 
 # %% ../nbs/05_distributed.ipynb #9733bed0
 def rng_states():

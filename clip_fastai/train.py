@@ -23,10 +23,11 @@ from .data import TensorMatchId
 # %% ../nbs/03_train.ipynb #ea97629d
 def match_targets(match_ids, # Ids of the batch's rows, or `None` for the diagonal
                   n:int, # Number of rows
-                  device=None):
-    "Row-normalised target matrix: row i spreads its mass evenly over the rows whose id equals its own"
+                  device=None,
+                  column_ids=None): # Ids of the columns, when they are other rows (all processes' rows); default `match_ids`
+    "Row-normalised target matrix: row i spreads its mass evenly over the columns whose id equals its own"
     if match_ids is None: return torch.eye(n, device=device)
-    same = (match_ids.reshape(-1, 1) == match_ids.reshape(1, -1)).float()
+    same = (match_ids.reshape(-1, 1) == ifnone(column_ids, match_ids).reshape(1, -1)).float()
     return same / same.sum(1, keepdim=True)
 
 # %% ../nbs/03_train.ipynb #d5cd7c93

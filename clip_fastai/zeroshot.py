@@ -249,14 +249,16 @@ def zero_shot_classifier(self:Learner, classnames=None, # Class names, or a dict
 
 # %% ../nbs/06_zeroshot.ipynb #47ac7767
 @patch
-def predict(self:CLIPLearner, item, # An image (file, `Path` or PIL image), or a caption
+def predict(self:CLIPLearner, item, # An image (file, `Path` or PIL image), a caption, or a table row of both
             classifier:ZeroShotClassifier=None): # Classes to choose among; default the learner's class descriptions
-    "An image's (class, class index, probabilities) when there are classes, as `vision_learner` gives; else the item's embedding"
+    "An image's (class, class index, probabilities) when there are classes, as `vision_learner` gives; else its embedding"
     inputs, embeddings = self.get_preds(dl=self.dls.test_dl([item], num_workers=0), with_input=True)[:2]
-    if not inputs.is_floating_point(): return embeddings[0]  # a caption's token ids
+    if isinstance(embeddings, tuple): image_embeddings, text_embeddings = embeddings  # a row: image and caption
+    elif inputs.is_floating_point(): image_embeddings, text_embeddings = embeddings, None
+    else: return embeddings[0]  # a caption's token ids
     if classifier is None and getattr(self.dls, 'descriptions', None) is not None: classifier = self.zero_shot_classifier()
-    if classifier is None: return embeddings[0]
-    probabilities = classifier.scores(embeddings).softmax(dim=-1)[0]
+    if classifier is None: return image_embeddings[0] if text_embeddings is None else (image_embeddings[0], text_embeddings[0])
+    probabilities = classifier.scores(image_embeddings).softmax(dim=-1)[0]
     index = probabilities.argmax()
     return classifier.labels[index], index, probabilities
 
