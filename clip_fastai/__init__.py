@@ -7,4 +7,4 @@ with warnings.catch_warnings():
     # `CLIPLearner`'s methods live beside their machinery (`predict` with zero-shot classification, `show_results`
     # with the retrieval metrics, `distrib_ctx` with multi-process training, the tower locks with fine-tuning).
     # Importing any part of the package imports them all, so that a learner from `load_learner` has every method.
-    from . import train, metrics, distributed, zeroshot, finetune
+    from . import train, metrics, distributed, zeroshot, finetune, pretrained

@@ -7,3 +7,4 @@ from .metrics import *
 from .distributed import *
 from .zeroshot import *
 from .finetune import *
+from .pretrained import *

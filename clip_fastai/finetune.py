@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['FLYPLoss', 'FLYPTrainer', 'tower_parameters', 'KeepFrozen', 'lock_tower', 'lock_image_tower', 'lock_text_tower',
-           'unlock_towers', 'finetune_learner']
+           'unlock_towers', 'finetune_learner', 'wise_ft']
 
 # %% ../nbs/07_finetune.ipynb #72b08c1d
-import math
+import math, copy
 import torch, torch.nn.functional as F
 from fastcore.basics import store_attr, ifnone, patch
 from fastcore.foundation import L
@@ -185,3 +185,41 @@ def finetune_learner(dls, # `DataLoaders` from `CaptionDataLoaders.from_folder`:
     trainer = FLYPTrainer(tokenizer, descriptions, contrastive_weight, classification_weight, label_smoothing, cache_class_embeddings)
     metrics = ifnone(metrics, [ZeroShotAccuracy(tokenizer, descriptions)])
     return clip_learner(dls, model, trainer=trainer, metrics=metrics, cbs=[KeepFrozen(), *L(cbs)], **kwargs)
+
+# %% ../nbs/07_finetune.ipynb #e904896e
+def architecture_differences(zero_shot_model, finetuned_model) -> list:
+    "What makes two models' weights not correspond: differing `config` entries, parameter names or shapes"
+    differences = []
+    config_0, config_1 = getattr(zero_shot_model, 'config', None), getattr(finetuned_model, 'config', None)
+    if isinstance(config_0, dict) and isinstance(config_1, dict):
+        differences += [f"{k} {config_0.get(k)!r} vs {config_1.get(k)!r}" for k in {**config_0, **config_1}
+                        if config_0.get(k) != config_1.get(k)]
+    theta_0, theta_1 = zero_shot_model.state_dict(), finetuned_model.state_dict()
+    only = lambda a, b: [k for k in a if k not in b]
+    if only(theta_0, theta_1): differences.append(f"only in the zero-shot model: {', '.join(only(theta_0, theta_1)[:5])}")
+    if only(theta_1, theta_0): differences.append(f"only in the fine-tuned model: {', '.join(only(theta_1, theta_0)[:5])}")
+    differences += [f"{k} {tuple(v.shape)} vs {tuple(theta_1[k].shape)}" for k, v in theta_0.items()
+                    if k in theta_1 and v.shape != theta_1[k].shape][:5]
+    return differences
+
+def interpolate_tensors(zero_shot, finetuned, alpha:float):
+    "(1 − `alpha`)·`zero_shot` + `alpha`·`finetuned` in `finetuned`'s dtype and device; integer tensors rounded"
+    zero_shot = zero_shot.to(finetuned.device)
+    if not finetuned.is_floating_point():  # counters such as `num_batches_tracked`
+        return torch.round((1 - alpha) * zero_shot.double() + alpha * finetuned.double()).to(finetuned.dtype)
+    dtype = torch.promote_types(finetuned.dtype, torch.float32)  # mix fp16/bf16 weights in fp32, round once
+    return ((1 - alpha) * zero_shot.to(dtype) + alpha * finetuned.to(dtype)).to(finetuned.dtype)
+
+# %% ../nbs/07_finetune.ipynb #c68e9304
+def wise_ft(zero_shot_model, # The model before fine-tuning: α = 0
+            finetuned_model, # The same architecture after fine-tuning: α = 1
+            alpha:float=0.5): # Mixing coefficient: the weight of the fine-tuned model, from 0 to 1
+    "A new model with weights (1 − α)·zero-shot + α·fine-tuned: WiSE-FT (Wortsman et al. 2022)"
+    if not 0 <= alpha <= 1: raise ValueError(f"alpha must be from 0 (the zero-shot model) to 1 (the fine-tuned one), not {alpha}")
+    zero_shot_model, finetuned_model = unwrap_model(zero_shot_model), unwrap_model(finetuned_model)
+    differences = architecture_differences(zero_shot_model, finetuned_model)
+    if differences: raise ValueError(f"WiSE-FT needs two models of one architecture; these differ in {'; '.join(differences)}")
+    theta_0 = zero_shot_model.state_dict()
+    mixed = copy.deepcopy(finetuned_model)
+    mixed.load_state_dict({k: interpolate_tensors(theta_0[k], v, alpha) for k, v in finetuned_model.state_dict().items()})
+    return mixed
