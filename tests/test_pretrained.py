@@ -187,3 +187,20 @@ def test_realistic_size_open_clip_vit_b_32_to_hf(tmp_path):
     rebuilt = transformers.CLIPModel.from_pretrained(tmp_path).eval()
     for mine, expected in zip(hf_features(rebuilt, image, text), reference):
         torch.testing.assert_close(mine, expected, atol=1e-5, rtol=0)
+
+# every open_clip configuration with OpenAI's architecture, in both activations, reads as our table's configuration
+open_clip_names = {'RN50': 'RN50', 'RN101': 'RN101', 'RN50x4': 'RN50x4', 'RN50x16': 'RN50x16', 'RN50x64': 'RN50x64',
+                   'ViT-B-32': 'ViT-B/32', 'ViT-B-16': 'ViT-B/16', 'ViT-L-14': 'ViT-L/14', 'ViT-L-14-336': 'ViT-L/14@336px'}
+
+@pytest.mark.parametrize('suffix,activation', [('', 'gelu'), ('-quickgelu', 'quick_gelu')])
+@pytest.mark.parametrize('open_clip_name', list(open_clip_names))
+def test_every_open_clip_config(open_clip_name, suffix, activation):
+    import open_clip
+    from clip_fastai.model import clip_configs
+    from clip_fastai.pretrained import clip_config_from_open_clip
+    config = clip_config_from_open_clip(open_clip.get_model_config(open_clip_name + suffix))
+    expected = clip_configs[open_clip_names[open_clip_name]]()
+    assert {k: config[k] for k in expected} == expected, (config, expected)
+    width = expected['vision_width']
+    openai_heads = width // 64 if isinstance(expected['vision_layers'], int) else width * 32 // 64
+    assert (config['activation'], config['vision_heads']) == (activation, openai_heads), config
