@@ -34,7 +34,7 @@ def speed_worker(trainer_name, global_bs, steps, threads, out):
     from fastai.data.core import DataLoaders, TfmdDL
     from fastai.torch_core import num_distrib, rank_distrib
     import fastai.distributed
-    from clip_fastai.model import CLIP, tiny_vit_config
+    from clip_fastai.model import CLIP
     from clip_fastai.data import TensorMatchId
     from clip_fastai.train import clip_learner
     import clip_fastai.distributed as distributed
@@ -58,7 +58,7 @@ def speed_worker(trainer_name, global_bs, steps, threads, out):
     items = [(torch.randn(3, 32, 32, generator=g), tokens[i], TensorMatchId(torch.tensor(i))) for i in range(n)]
     dls = DataLoaders(TfmdDL(items, bs=bs, shuffle=True, drop_last=True), TfmdDL(items[:bs], bs=bs), device='cpu')
     torch.manual_seed(0)
-    learn = clip_learner(dls, CLIP(**tiny_vit_config(32, 32, 1000)), cbs=[StepTimes()])
+    learn = clip_learner(dls, CLIP.from_config('tiny-vit', image_size=32, context_length=32, vocab_size=1000), cbs=[StepTimes()])
     if trainer_name != 'CLIPTrainer':
         learn.remove_cb(learn.clip_trainer).add_cb(distributed.DistributedCLIPTrainer(local_loss=trainer_name.endswith('local')))
     with learn.no_bar(), learn.no_logging():
@@ -76,7 +76,7 @@ def convergence_worker(trainer_name, epochs, lr, seed, out):
     import fastai.distributed
     from fastai.callback.schedule import fit_one_cycle
     from clip_fastai.tokenizer import ClipTokenizer
-    from clip_fastai.model import CLIP, tiny_vit_config
+    from clip_fastai.model import CLIP
     from clip_fastai.data import CaptionDataLoaders, make_digits_folder, digit_descriptions
     from clip_fastai.train import clip_learner, unwrap_model
     from clip_fastai.distributed import DistributedCLIPTrainer
@@ -86,7 +86,7 @@ def convergence_worker(trainer_name, epochs, lr, seed, out):
     tok = ClipTokenizer(context_length=16)
     dls = CaptionDataLoaders.from_folder(folder, digit_descriptions(), tokenizer=tok, image_size=32, bs=64 // processes, num_workers=0)
     set_seed(seed)
-    learn = clip_learner(dls, CLIP(**tiny_vit_config(32, tok.context_length, tok.vocab_size)))
+    learn = clip_learner(dls, CLIP.from_config('tiny-vit', image_size=32, context_length=tok.context_length, vocab_size=tok.vocab_size))
     if trainer_name != 'CLIPTrainer': learn.remove_cb(learn.clip_trainer).add_cb(DistributedCLIPTrainer())
     start = time.perf_counter()
     with learn.no_bar(), learn.no_logging():

@@ -38,12 +38,12 @@ captions = ["a photo of a cat sitting on a wooden table", "two dogs running on t
             "a woman reading a book on a bench", "a snowy mountain behind a wooden cabin",
             "a laptop and a cup of coffee on a desk", "a herd of cows grazing in a green meadow"]
 
-def make_model(arch, library, checkpoint=False):
+def make_model(arch, library, grad_checkpointing=False):
     if library == 'open_clip':
         import open_clip
         return open_clip.create_model({'ViT-B/32': 'ViT-B-32', 'RN50': 'RN50'}[arch])
-    from clip_fastai.model import CLIP, vitb32_config, rn50_config
-    return CLIP(**{'ViT-B/32': vitb32_config, 'RN50': rn50_config}[arch](), checkpoint=checkpoint)
+    from clip_fastai.model import CLIP
+    return CLIP.from_config(arch, grad_checkpointing=grad_checkpointing)
 
 def make_batch(bs, full_captions=False, seed=0):
     "Random images and tokenized captions; with `full_captions`, their padding replaced by words (77 tokens each)"

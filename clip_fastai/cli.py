@@ -19,7 +19,9 @@ from .tokenizer import ClipTokenizer
 from .model import CLIP, clip_configs
 import clip_fastai.pretrained # `CLIP.from_pretrained`
 from .data import CaptionDataLoaders, make_digits_folder, digit_descriptions
-from .train import clip_learner, unwrap_model
+from .shards import shard_urls # also `CaptionDataLoaders.from_shards`
+from .train import clip_learner, unwrap_model, clip_losses
+from .siglip import siglip_init
 from .metrics import RetrievalAtK
 from .distributed import DistributedCLIPTrainer, lone_accelerate_cpu_process
 from .zeroshot import zero_shot_accuracy
@@ -27,12 +29,12 @@ from .finetune import finetune_learner
 from . import finetune # `finetune.wise_ft`: the command's `wise_ft` argument takes the name
 
 # %% ../nbs/08_cli.ipynb #0fc0bf7d
-def build_model(name:str, image_size:int, tokenizer, grad_checkpointing:bool=False) -> CLIP:
-    "A new `CLIP` of the named configuration (a key of `clip_configs`)"
-    if name not in clip_configs: raise ValueError(f"Unknown model {name!r}; choose one of {list(clip_configs)}")
-    model = CLIP(**clip_configs[name](image_size, tokenizer.context_length, tokenizer.vocab_size))
-    model.set_grad_checkpointing(grad_checkpointing)
-    return model
+def build_model(name:str, image_size:int, tokenizer, grad_checkpointing:bool=False,
+                loss:str='contrastive', # 'siglip': with the sigmoid loss's `logit_bias` and initial temperature (`siglip_init`)
+                patch_dropout:float=0.) -> CLIP: # Share of a ViT's patch tokens dropped while training
+    "A new `CLIP` of the named configuration (a key of `clip_configs`), for the named loss"
+    return CLIP.from_config(name, image_size=image_size, context_length=tokenizer.context_length, vocab_size=tokenizer.vocab_size,
+                            grad_checkpointing=grad_checkpointing, patch_dropout=patch_dropout, **(siglip_init if loss == 'siglip' else {}))
 
 # %% ../nbs/08_cli.ipynb #6e29c51b
 def caption_dataloaders(data, # CSV file, COCO JSON file, class folder, or None for the digits demo
@@ -68,19 +70,32 @@ def argument_errors():
         raise SystemExit(2)
 
 def check_arguments(data=None, descriptions=None, images=None, model='tiny-resnet', image_size=32, context_length=77,
-                    bs=64, epochs=12, lr=3e-3, precision='fp32', valid_pct=0.2, num_workers=None, out='clip_model', pretrained=None):
+                    bs=64, epochs=12, lr=3e-3, precision='fp32', valid_pct=0.2, num_workers=None, out='clip_model', pretrained=None,
+                    loss='contrastive', patch_dropout=0.,
+                    valid=None, samples_per_epoch=None, resampled=False):
     "Raise `ArgumentError` for the first bad argument of the commands (`None`: not given); read no data, build nothing"
     if model is not None and model not in clip_configs: raise ArgumentError(f"--model {model!r} is unknown; choose one of {', '.join(clip_configs)}")
     if precision not in ('fp32', 'fp16', 'bf16'): raise ArgumentError(f"--precision must be fp32, fp16 or bf16, not {precision!r}")
     for name, value in dict(image_size=image_size, context_length=context_length, bs=bs, epochs=epochs).items():
         if value is not None and value < 1: raise ArgumentError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
     if model is not None and image_size is not None:
-        smallest = clip_configs[model]()['vision_patch_size'] or 32 # a ResNet downsamples 32 times
+        smallest = clip_config(model)['vision_patch_size'] or 32 # a ResNet downsamples 32 times
         if image_size < smallest: raise ArgumentError(f"--image-size {image_size} is smaller than {model}'s {smallest} pixels per feature")
     if not lr > 0: raise ArgumentError(f"--lr must be positive, not {lr}")
+    if loss not in clip_losses: raise ArgumentError(f"--loss must be one of {', '.join(clip_losses)}, not {loss!r}")
+    if not 0 <= patch_dropout < 1: raise ArgumentError(f"--patch-dropout must be at least 0 and below 1, not {patch_dropout}")
+    if patch_dropout and model is not None and clip_configs[model]['vision_patch_size'] is None:
+        raise ArgumentError(f"--patch-dropout drops a ViT's patches, and {model} is a ResNet: choose a ViT (tiny-vit, ViT-B/32, ...)")
     if not 0 < valid_pct < 1: raise ArgumentError(f"--valid-pct must be between 0 and 1, not {valid_pct}")
     if num_workers is not None and num_workers < 0: raise ArgumentError(f"--num-workers must be 0 or more, not {num_workers}")
-    if data is not None:
+    shards = data is not None and is_shards(data)
+    if shards: check_shards(data, 'data ')
+    if valid is not None and not shards: raise ArgumentError(f"--valid {valid} is for shards as data (a .tar path or pattern, pipe: command or .txt list)")
+    if valid is not None: check_shards(valid, '--valid ')
+    if samples_per_epoch is not None and not shards: raise ArgumentError("--samples-per-epoch is for shards as data")
+    if samples_per_epoch is not None and samples_per_epoch < 1: raise ArgumentError(f"--samples-per-epoch must be at least 1, not {samples_per_epoch}")
+    if resampled and not shards: raise ArgumentError("--resampled is for shards as data")
+    if data is not None and not shards:
         path = Path(data)
         if not path.exists(): raise ArgumentError(f"data {data} does not exist; give a .csv, a COCO .json or a folder of class folders")
         if path.is_dir() and descriptions is None:
@@ -104,8 +119,8 @@ def check_arguments(data=None, descriptions=None, images=None, model='tiny-resne
 # %% ../nbs/08_cli.ipynb #d410aa91
 def configuration_names(config:dict) -> list:
     "The keys of `clip_configs` with the sizes of `config` (a `CLIP.config`), at any image size"
-    def sizes(c): return {k: c[k] for k in clip_configs['tiny-vit']() if k not in ('image_resolution', 'context_length', 'vocab_size')}
-    return [name for name, make in clip_configs.items() if sizes(make()) == sizes(config)]
+    def sizes(c): return {k: c[k] for k in clip_configs['tiny-vit'] if k != 'image_size'}
+    return [name for name, sizes_of_name in clip_configs.items() if sizes(sizes_of_name) == sizes(config)]
 
 def load_pretrained(path, # `--pretrained`: a file or folder `CLIP.from_pretrained` reads
                     model:str=None, # `--model`, if given: must name the file's configuration
@@ -119,9 +134,9 @@ def load_pretrained(path, # `--pretrained`: a file or folder `CLIP.from_pretrain
     holds = f"a {' or '.join(names)}" if names else "sizes of none of the --model names"
     if model is not None and model not in names:
         raise ArgumentError(f"--model {model} contradicts --pretrained {path}, which holds {holds}: leave --model out")
-    if image_size is not None and image_size != config['image_resolution']:
+    if image_size is not None and image_size != config['image_size']:
         raise ArgumentError(f"--image-size {image_size} contradicts --pretrained {path}, made for "
-                            f"{config['image_resolution']}-pixel images: leave --image-size out")
+                            f"{config['image_size']}-pixel images: leave --image-size out")
     if context_length is not None and context_length > config['context_length']:
         raise ArgumentError(f"--context-length {context_length} is longer than the {config['context_length']} "
                             f"positions of --pretrained {path}")
@@ -139,12 +154,38 @@ def checked_dataloaders(data, tokenizer, image_size:int, bs:int, descriptions=No
     try: return caption_dataloaders(data, tokenizer, image_size, bs, descriptions, images, valid_pct, seed, **kwargs)
     except (ValueError, TypeError, FileNotFoundError) as e: raise ArgumentError(f"{data}: {e}") from e
 
+# %% ../nbs/08_cli.ipynb #8e88e08e
+def is_shards(data) -> bool:
+    "Whether the command's data names webdataset shards: a `.tar` path or brace pattern, a `pipe:` command or a `.txt` list of them"
+    return str(data).startswith('pipe:') or '.tar' in str(data) or str(data).endswith('.txt')
+
+def check_shards(shards, flag:str):
+    "`ArgumentError` naming `flag` when the shards named by `shards` are not all there"
+    try: return shard_urls(shards)
+    except (FileNotFoundError, ValueError) as e: raise ArgumentError(f"{flag}{shards}: {e}") from e
+
+def shard_dataloaders(data, valid, tokenizer, image_size:int, bs:int, samples_per_epoch:int=None, resampled:bool=False,
+                      seed:int=42, num_workers:int=None):
+    "`CaptionDataLoaders.from_shards` for the command: validation on `valid`, else on the last training shard (left out of training)"
+    urls = check_shards(data, 'data ')
+    if valid is None:
+        if len(urls) < 2: raise ArgumentError(f"data {data} is a single shard: give validation shards with --valid")
+        urls, valid = urls[:-1], urls[-1:]
+        if rank_distrib() == 0: print(f"Validating on the last shard, {valid[0]}, and training on the other {len(urls)}")
+    kwargs = {} if num_workers is None else {'num_workers': num_workers}
+    try: return CaptionDataLoaders.from_shards(urls, valid, tokenizer=tokenizer, image_size=image_size, bs=bs, seed=seed,
+                                              samples_per_epoch=samples_per_epoch, resampled=resampled, **kwargs)
+    except (ValueError, TypeError, FileNotFoundError) as e: raise ArgumentError(f"{data}: {e}") from e
+
 # %% ../nbs/08_cli.ipynb #3445069e
 @call_parse(pos=['data'])
 def clip_fastai_train(
-    data:str=None, # CSV file, COCO captions JSON, or class folder (default: offline handwritten digits)
+    data:str=None, # CSV file, COCO captions JSON, class folder, or webdataset shards (default: offline handwritten digits)
     descriptions:str=None, # YAML file of class: description(s), for a class folder
     images:str=None, # Folder of the images of a COCO file, relative to it
+    valid:str=None, # Validation shards when data is shards (pattern, list file or pipe:); default the last training shard
+    samples_per_epoch:int=None, # With shards: training samples per epoch, all processes (default: all the shards hold)
+    resampled:bool=False, # With shards: draw shards with replacement, as open_clip's --dataset-resampled
     pretrained:str=None, # Weights to start from (model.pth, OpenAI, open_clip or Hugging Face); they fix the architecture
     model:str=None, # Model configuration, a key of `clip_configs`: tiny-resnet (default), tiny-vit, RN50, ViT-B/32, ...
     image_size:int=None, # Side of the square images (default 32; with --pretrained, the file's)
@@ -154,6 +195,8 @@ def clip_fastai_train(
     lr:float=3e-3, # Maximum learning rate of the one-cycle schedule
     precision:str='fp32', # fp32, fp16 or bf16 (mixed precision)
     grad_checkpointing:bool=False, # Recompute activations in backward to save memory
+    loss:str='contrastive', # contrastive (CLIP's softmax loss) or siglip (SigLIP's sigmoid loss, with a learnt bias)
+    patch_dropout:float=0., # Share of a ViT's patches dropped while training (FLIP), e.g. 0.5
     valid_pct:float=0.2, # Share of the data for validation when there is no validation set
     num_workers:int=None, # DataLoader worker processes (default: fastai's)
     seed:int=42, # Random seed of everything: split, weights, batches, captions drawn
@@ -165,27 +208,34 @@ def clip_fastai_train(
         if pretrained is None:
             model, image_size, context_length = ifnone(model, 'tiny-resnet'), ifnone(image_size, 32), ifnone(context_length, 77)
         check_arguments(data, descriptions, images, model, image_size, context_length, bs, epochs, lr, precision, valid_pct,
-                        num_workers, out, pretrained)
+                        num_workers, out, pretrained, loss, patch_dropout,
+                        valid=valid, samples_per_epoch=samples_per_epoch, resampled=resampled)
         if lone_accelerate_cpu_process():
             raise ArgumentError("`accelerate launch --cpu` started 1 process (without MPI it starts no more); for N CPU processes run "
                                 "`accelerate launch --multi_gpu --num_processes N $(which clip-fastai-train) ...` on a machine "
                                 "without GPU, or `torchrun --nproc_per_node N --no-python clip-fastai-train ...`")
         clip, tokenizer = (load_pretrained(pretrained, model, image_size, context_length) if pretrained
                            else (None, ClipTokenizer(context_length=context_length)))
-        if clip is not None: image_size = clip.config['image_resolution']
+        if clip is not None: image_size = clip.config['image_size']
+        if clip is not None and loss == 'siglip' and not hasattr(clip, 'logit_bias'):
+            raise ArgumentError(f"--loss siglip needs a model with a logit_bias (a SigLIP checkpoint); --pretrained {pretrained} has none")
+        if clip is not None and patch_dropout:
+            try: clip = CLIP.from_state_dict(clip, patch_dropout=patch_dropout)
+            except ValueError as e: raise ArgumentError(f"--patch-dropout with --pretrained {pretrained}: {e}") from e
         out = Path(out).absolute() # `learn.path` is `out`: a relative one would be joined to itself
         set_seed(seed, reproducible=True)
-        dls = checked_dataloaders(data, tokenizer, image_size, bs, descriptions, images, valid_pct, seed, num_workers)
+        dls = (shard_dataloaders(data, valid, tokenizer, image_size, bs, samples_per_epoch, resampled, seed, num_workers) if is_shards(data)
+               else checked_dataloaders(data, tokenizer, image_size, bs, descriptions, images, valid_pct, seed, num_workers))
     # with class folders every image of a class shares its captions: count wrong classes, not wrong rows
     candidates = 'ids' if hasattr(dls, 'classes') else 'rows'
     metrics = [RetrievalAtK(k, candidates=candidates) for k in (1, 5, 'median')]
-    if clip is None: clip = build_model(model, image_size, tokenizer)
+    if clip is None: clip = build_model(model, image_size, tokenizer, loss=loss, patch_dropout=patch_dropout)
     clip.set_grad_checkpointing(grad_checkpointing)
-    learn = clip_learner(dls, clip, metrics=metrics, path=out, model_dir='.')
+    learn = clip_learner(dls, clip, loss_func=loss, metrics=metrics, path=out, model_dir='.')
     if precision == 'fp16': learn.to_fp16()
     elif precision == 'bf16': learn.to_bf16()
     if num_distrib() > 1:
-        learn.remove_cb(learn.clip_trainer).add_cb(DistributedCLIPTrainer())
+        learn.remove_cb(learn.clip_trainer).add_cb(DistributedCLIPTrainer(loss_func=loss))
         with learn.distrib_ctx(): learn.fit_one_cycle(epochs, lr)  # on CPU: gloo, and no SyncBatchNorm
     else: learn.fit_one_cycle(epochs, lr)
     if rank_distrib() == 0:
@@ -239,7 +289,7 @@ def clip_fastai_finetune(
     bs:int=64, # Batch size
     context_length:int=None, # Tokens per description (default: the file's)
     classification_weight:float=0., # Weight of a cross-entropy over all classes, beside the contrastive loss
-    lock_image:bool=False, # Keep the image tower and its projection fixed (LiT)
+    lock_image_tower:bool=False, # Keep the image tower and its projection fixed (LiT)
     wise_ft:float=None, # WiSE-FT: mix the weights, with this weight (0 to 1) on the fine-tuned ones
     precision:str='fp32', # fp32, fp16 or bf16 (mixed precision)
     grad_checkpointing:bool=False, # Recompute activations in backward to save memory
@@ -257,11 +307,11 @@ def clip_fastai_finetune(
         clip, tokenizer = load_pretrained(pretrained, context_length=context_length)
         out = Path(out).absolute()
         set_seed(seed, reproducible=True)
-        dls = checked_dataloaders(data, tokenizer, clip.config['image_resolution'], bs, descriptions, None, valid_pct, seed, num_workers)
+        dls = checked_dataloaders(data, tokenizer, clip.config['image_size'], bs, descriptions, None, valid_pct, seed, num_workers)
     zero_shot = copy.deepcopy(clip) if wise_ft is not None else None
     clip.set_grad_checkpointing(grad_checkpointing)
     learn = finetune_learner(dls, clip, classification_weight=classification_weight, path=out, model_dir='.')
-    if lock_image: learn.lock_image()
+    if lock_image_tower: learn.lock_image_tower()
     if precision == 'fp16': learn.to_fp16()
     elif precision == 'bf16': learn.to_bf16()
     def report(when, model): print(f"Zero-shot top-1 accuracy {when}: {zero_shot_accuracy(model, dls)['top1']:.4f}")

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['CLIP_MEAN', 'CLIP_STD', 'TensorMatchId', 'UnreadableImageError', 'open_image', 'clip_image_tfms', 'PickCaption',
-           'check_images', 'CaptionDL', 'caption_datablock', 'CaptionDataLoaders', 'load_descriptions',
-           'digit_descriptions', 'make_digits_folder']
+           'check_images', 'CaptionDL', 'caption_datablock', 'CaptionDataLoaders', 'caption_tokenizer',
+           'load_descriptions', 'digit_descriptions', 'make_digits_folder']
 
 # %% ../nbs/02_data.ipynb #2b405089
 import random, warnings, json, csv, os, io, shutil, tempfile, textwrap, numbers
@@ -187,10 +187,19 @@ def from_table(cls:CaptionDataLoaders, table, # DataFrame with columns image, ca
     return cls(*dls.loaders, path=dls.path, device=dls.device)
 
 # %% ../nbs/02_data.ipynb #e878a083
+def caption_tokenizer(dls, # `DataLoaders`, or one `DataLoader`
+                      required:bool=True): # Raise when there is none; else return `None`
+    "The `ClipTokenizer` in the item pipelines of `dls` (its datasets' or its `after_item`)"
+    for dl in dls.loaders if isinstance(dls, DataLoaders) else [dls]:
+        pipelines = [getattr(dl, 'after_item', None)] + [tl.tfms for tl in getattr(getattr(dl, 'dataset', None), 'tls', [])]
+        for tfm in (t for p in pipelines for t in getattr(p, 'fs', [])):
+            if isinstance(tfm, ClipTokenizer): return tfm
+    if required: raise ValueError(f"No ClipTokenizer in the item pipelines of this {type(dls).__name__}")
+
 @patch(as_prop=True)
-def tokenizer(self:CaptionDataLoaders):
+def tokenizer(self:(CaptionDataLoaders, CaptionDL)):
     "The `ClipTokenizer` that encodes the captions"
-    return next(t for t in self.train_ds.tls[1].tfms.fs if isinstance(t, ClipTokenizer))
+    return caption_tokenizer(self)
 
 # %% ../nbs/02_data.ipynb #312d20eb
 def _check_columns(df, columns):

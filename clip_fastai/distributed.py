@@ -21,7 +21,7 @@ from fastai.optimizer import OptimWrapper, detuplify_pg, set_item_pg
 from fastai.learner import Learner
 from fastai.distributed import DistributedDL
 from .model import batchnorm_statistics_kept
-from .train import CLIPLearner, CLIPTrainer, clip_optimizer, match_targets, ContrastiveLoss, contrastive_loss, match_ids_of, no_weight_decay_params, unwrap_model
+from .train import CLIPLearner, CLIPTrainer, clip_optimizer, match_targets, ContrastiveLoss, contrastive_loss, match_ids_of, named_loss, no_weight_decay_params, unwrap_model
 
 # %% ../nbs/05_distributed.ipynb #1cf22e86
 def process_group_size() -> int:
@@ -95,7 +95,7 @@ class GatheredContrastiveLoss(ContrastiveLoss):
     def __call__(self, pred, *yb):
         if self.reduction != 'mean':  # as fastai's `get_preds(with_loss=True)` asks
             raise ValueError("The gathered loss has no per-row values: call `get_preds(with_loss=True)` with `CLIPTrainer`, in one process")
-        image_features, text_features, logit_scale = pred
+        image_features, text_features, logit_scale = pred[:3]
         match_ids = match_ids_of(yb)
         if match_ids is not None: match_ids = match_ids.as_subclass(torch.Tensor)
         rows = len(image_features) if self.real_rows is None else self.real_rows
@@ -135,12 +135,21 @@ def unpadded_rows(dl, # The `DataLoader` the batch came from
     first = dl.rank * dl.n_padded // dl.world_size + dl.i - bs  # position of the batch's first row in the padded item order
     return max(0, min(bs, dl.n - first))
 
+# %% ../nbs/05_distributed.ipynb #318b4b74
+def multi_process_loss(loss_func, # A loss, or its name in `clip_losses`
+                       local_loss:bool=False): # For the contrastive loss: score only this process's rows against all
+    "The form of `loss_func` that computes the loss of all processes' rows: `GatheredContrastiveLoss`, or the loss's `for_processes()`"
+    loss_func = named_loss(loss_func)
+    if type(loss_func) is ContrastiveLoss: return GatheredContrastiveLoss(local_loss)
+    return loss_func.for_processes() if hasattr(loss_func, 'for_processes') else loss_func
+
 # %% ../nbs/05_distributed.ipynb #48259a1b
 class DistributedCLIPTrainer(CLIPTrainer):
     "`CLIPTrainer` whose loss contrasts the features of all processes' batches, with gradients through the gather"
     def __init__(self, local_loss:bool=False, # Each process scores only its own rows against all features: cheaper, same gradient
-                 max_logit_scale:float=math.log(100)): # Clamp of the (log) temperature after each step
-        super().__init__(GatheredContrastiveLoss(local_loss), max_logit_scale)
+                 max_logit_scale:float=math.log(100), # Clamp of the (log) temperature after each step
+                 loss_func=None): # Another loss, or its name ('siglip'); default: the contrastive loss
+        super().__init__(multi_process_loss(ifnone(loss_func, 'contrastive'), local_loss), max_logit_scale)
         self.local_loss = local_loss
 
     def after_pred(self):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from fastcore.basics import patch
 from safetensors.torch import load_file, save_file
-from .model import CLIP, clip_config, activations, load_checkpoint_file
+from .model import CLIP, activations, load_checkpoint_file
 
 # %% ../nbs/01a_pretrained.ipynb #b637674f
 hf_names = {  # our key prefix: Hugging Face CLIPModel's
@@ -143,9 +143,12 @@ def clip_config_from_hf(hf_config:dict, # A Hugging Face `CLIPConfig` as a dict,
         warnings.warn(f"{source} has text_config.eos_token_id {eos!r}: Hugging Face reads the text feature at the first token "
                       f"{eos!r}, CLIP at the highest id of the caption (ClipTokenizer's end-of-text token, {last_id}), so the "
                       f"text features agree only where token {eos!r} is the highest id of a caption", UserWarning, stacklevel=2)
-    return clip_config(fields['projection_dim'], image_size, vision['num_hidden_layers'], vision['hidden_size'], patch_size,
-                       text['max_position_embeddings'], text['vocab_size'], text['hidden_size'], text['num_attention_heads'],
-                       text['num_hidden_layers']) | dict(vision_heads=vision['num_attention_heads'], activation=text['hidden_act'])
+    return dict(embed_dim=fields['projection_dim'], image_size=image_size, vision_layers=vision['num_hidden_layers'],
+                vision_width=vision['hidden_size'], vision_patch_size=patch_size,
+                context_length=text['max_position_embeddings'], vocab_size=text['vocab_size'],
+                transformer_width=text['hidden_size'], transformer_heads=text['num_attention_heads'],
+                transformer_layers=text['num_hidden_layers'], vision_heads=vision['num_attention_heads'],
+                activation=text['hidden_act'])
 
 # %% ../nbs/01a_pretrained.ipynb #75fe4299
 def hf_config(config:dict): # `CLIP.config` of a ViT
@@ -160,7 +163,7 @@ def hf_config(config:dict): # `CLIP.config` of a ViT
                 bos_token_id=config['vocab_size'] - 2, eos_token_id=config['vocab_size'] - 1, pad_token_id=0, **common)
     vision = dict(model_type='clip_vision_model', hidden_size=config['vision_width'], intermediate_size=4 * config['vision_width'],
                   num_hidden_layers=config['vision_layers'], num_attention_heads=config['vision_heads'], num_channels=3,
-                  image_size=config['image_resolution'], patch_size=config['vision_patch_size'], **common)
+                  image_size=config['image_size'], patch_size=config['vision_patch_size'], **common)
     return dict(architectures=['CLIPModel'], model_type='clip', projection_dim=config['embed_dim'],
                 logit_scale_init_value=2.6592, text_config=text, vision_config=vision)
 
@@ -170,7 +173,7 @@ open_clip_plain = {  # fields of open_clip's model config that change the networ
                        final_ln_after_pool=False, pool_type='tok', timm_model_name=None),
     'text_cfg': dict(mlp_ratio=4.0, ls_init_value=None, embed_cls=False, no_causal_mask=False, final_ln_after_pool=False,
                      pool_type='argmax', proj_bias=False, proj_type='linear', hf_model_name=None),
-    'model': dict(init_logit_bias=None, nonscalar_logit_scale=False)}
+    'model': dict(nonscalar_logit_scale=False)}
 for part in ('vision_cfg', 'text_cfg'):
     open_clip_plain[part] |= dict(act_kwargs=None, norm_kwargs=None, block_type=None, qk_norm=False, scaled_cosine_attn=False,
                                   scale_heads=False, scale_attn_inner=False, scale_attn=False, scale_fc=False)
@@ -182,7 +185,8 @@ open_clip_passive = {  # fields that do not change the features
                    'timm_pool', 'timm_proj', 'timm_proj_bias', 'timm_drop', 'timm_drop_path'},
     'text_cfg': {'hf_tokenizer_name', 'tokenizer_mode', 'tokenizer_kwargs', 'pad_id', 'eos_id', 'output_tokens',
                  'hf_model_pretrained', 'hf_proj_type', 'hf_pooler_type'},
-    'model': {'embed_dim', 'quick_gelu', 'vision_cfg', 'text_cfg', 'custom_text', 'cast_dtype', 'output_dict'}}
+    'model': {'embed_dim', 'quick_gelu', 'vision_cfg', 'text_cfg', 'custom_text', 'cast_dtype', 'output_dict',
+              'init_logit_scale', 'init_logit_bias'}}  # the weights hold both; a bias makes `CLIP(init_logit_bias=...)`
 
 # %% ../nbs/01a_pretrained.ipynb #8d8c2652
 def open_clip_fields(model_cfg:dict, source:str): # open_clip's model config
@@ -216,19 +220,23 @@ def clip_config_from_open_clip(model_cfg:dict, # open_clip's model config (the `
     if problems: raise ValueError(f"{source} describes an open_clip model that CLIP does not build: {'; '.join(problems)}")
     layers = tuple(vision['layers']) if resnet else vision['layers']
     vision_heads = (vision['width'] * 32 if resnet else vision['width']) // vision['head_width']  # open_clip's rule
-    return clip_config(model_cfg['embed_dim'], image_size, layers, vision['width'], patch_size, text['context_length'],
-                       text['vocab_size'], text['width'], text['heads'], text['layers']) | dict(
-        vision_heads=vision_heads, activation='quick_gelu' if model_cfg.get('quick_gelu', False) else 'gelu')
+    bias = {} if model_cfg.get('init_logit_bias') is None else dict(init_logit_bias=float(model_cfg['init_logit_bias']))  # SigLIP's
+    return dict(embed_dim=model_cfg['embed_dim'], image_size=image_size, vision_layers=layers,
+                vision_width=vision['width'], vision_patch_size=patch_size, context_length=text['context_length'],
+                vocab_size=text['vocab_size'], transformer_width=text['width'], transformer_heads=text['heads'],
+                transformer_layers=text['layers'], vision_heads=vision_heads,
+                activation='quick_gelu' if model_cfg.get('quick_gelu', False) else 'gelu', **bias)
 
 def open_clip_config(config:dict): # `CLIP.config`
     "open_clip's model config for a `CLIP` of `config`"
     resnet = isinstance(config['vision_layers'], (tuple, list))
-    vision = dict(image_size=config['image_resolution'], layers=list(config['vision_layers']) if resnet else config['vision_layers'],
+    vision = dict(image_size=config['image_size'], layers=list(config['vision_layers']) if resnet else config['vision_layers'],
                   width=config['vision_width'], patch_size=config['vision_patch_size'],
                   head_width=(config['vision_width'] * 32 if resnet else config['vision_width']) // config['vision_heads'])
     text = dict(context_length=config['context_length'], vocab_size=config['vocab_size'], width=config['transformer_width'],
                 heads=config['transformer_heads'], layers=config['transformer_layers'])
-    return dict(embed_dim=config['embed_dim'], quick_gelu=config['activation'] == 'quick_gelu', vision_cfg=vision, text_cfg=text)
+    bias = {} if config.get('init_logit_bias') is None else dict(init_logit_bias=config['init_logit_bias'])
+    return dict(embed_dim=config['embed_dim'], quick_gelu=config['activation'] == 'quick_gelu', vision_cfg=vision, text_cfg=text, **bias)
 
 # %% ../nbs/01a_pretrained.ipynb #c4e629a3
 open_clip_weights = ('open_clip_model.safetensors', 'open_clip_pytorch_model.safetensors', 'open_clip_pytorch_model.bin',
@@ -315,7 +323,8 @@ def openai_layout_problems(config:dict): # `CLIP.config`
     resnet = isinstance(config['vision_layers'], (tuple, list))
     assumed = dict(vision_heads=(config['vision_width'] * 32 if resnet else config['vision_width']) // 64,
                    transformer_heads=config['transformer_width'] // 64, activation='quick_gelu')
-    return [f"{k}={config[k]!r} (build_model assumes {v!r})" for k, v in assumed.items() if config[k] != v]
+    bias = [] if config.get('init_logit_bias') is None else ["a logit_bias (OpenAI's CLIP has none)"]
+    return [f"{k}={config[k]!r} (build_model assumes {v!r})" for k, v in assumed.items() if config[k] != v] + bias
 
 def save_clip_fastai(config, state_dict, folder):
     "Our `{'config', 'state_dict'}` as `folder/model.pth`"

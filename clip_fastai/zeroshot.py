@@ -16,7 +16,8 @@ from fastai.learner import Learner, Metric
 from fastai.data.core import DataLoaders
 from fastai.vision.core import image2tensor
 from .tokenizer import ClipTokenizer
-from .data import CLIP_MEAN, CLIP_STD, open_image
+from .data import CLIP_MEAN, CLIP_STD, open_image, caption_tokenizer
+from .metrics import evaluation_mode
 from .train import unwrap_model, CLIPLearner
 
 # %% ../nbs/06_zeroshot.ipynb #0ac72a37
@@ -40,18 +41,18 @@ default_templates = [
 ]
 
 # %% ../nbs/06_zeroshot.ipynb #b73322f2
-def class_prompts(classnames, # Class names, or a dict of class name → description(s) used as written
+def class_prompts(descriptions, # Class names, or a dict of class name → description(s) used as written
                   templates=None, # Templates with one `{}` for the class name; `default_templates` by default
                  ) -> list:
     "One list of prompts per class"
-    if isinstance(classnames, dict):
+    if isinstance(descriptions, dict):
         if templates is not None: raise ValueError("Give either a dict of descriptions or templates, not both")
-        return [[d] if isinstance(d, str) else list(d) for d in classnames.values()]
+        return [[d] if isinstance(d, str) else list(d) for d in descriptions.values()]
     templates = ifnone(templates, default_templates)
     if isinstance(templates, str): templates = [templates]
     bad = [t for t in templates if '{}' not in t]
     if bad: raise ValueError(f"Templates need a '{{}}' for the class name: {bad}")
-    return [[t.format(c) for t in templates] for c in classnames]
+    return [[t.format(c) for t in templates] for c in descriptions]
 
 # %% ../nbs/06_zeroshot.ipynb #303ff0f9
 def average_text_features(model, # A `CLIP` model
@@ -67,14 +68,6 @@ def average_text_features(model, # A `CLIP` model
     return F.normalize(sums, dim=-1)  # the direction of the sum is the direction of the mean
 
 # %% ../nbs/06_zeroshot.ipynb #78ca5889
-@contextmanager
-def evaluation_mode(model):
-    "Put `model` in eval mode for the block, then back in the mode it was in"
-    was_training = model.training
-    model.eval()
-    try: yield model
-    finally: model.train(was_training)
-
 def tokenize_prompts(tokenizer, # A `ClipTokenizer`
                      prompts, # One list of prompts per class
                     ) -> tuple:
@@ -86,12 +79,12 @@ def tokenize_prompts(tokenizer, # A `ClipTokenizer`
 @torch.no_grad()
 def class_embeddings(model, # A `CLIP` model
                      tokenizer, # The `ClipTokenizer` the model was trained with
-                     classnames, # Class names, or a dict of class name → description(s)
+                     descriptions, # Class names, or a dict of class name → description(s)
                      templates=None, # Templates with `{}` for class names; `default_templates` by default
                      bs:int=256): # Prompts per forward pass
     "The zero-shot classifier's weights: one normalised, prompt-averaged text embedding per class, [n_classes, embed_dim]"
     model = unwrap_model(model)
-    prompts = class_prompts(classnames, templates)
+    prompts = class_prompts(descriptions, templates)
     tokens, group = tokenize_prompts(tokenizer, prompts)
     with evaluation_mode(model): return average_text_features(model, tokens, group, len(prompts), bs)
 
@@ -113,22 +106,22 @@ def preprocess_image(img, # A file name, `Path` or PIL image
 
 # %% ../nbs/06_zeroshot.ipynb #cf5a1e03
 class ZeroShotClassifier:
-    "Classify images among `classnames` by cosine similarity with prompt-averaged class embeddings"
+    "Classify images among `descriptions` by cosine similarity with prompt-averaged class embeddings"
     def __init__(self, model, # A `CLIP` model
                  tokenizer, # The `ClipTokenizer` the model was trained with
-                 classnames, # Class names, or a dict of class name → description(s) used as written
+                 descriptions, # Class names, or a dict of class name → description(s) used as written
                  templates=None, # Templates with `{}` for class names; `default_templates` by default
                  image_size:int=None, # Side of the square images; default the model's input resolution
                  bs:int=256): # Prompts or images per forward pass
         store_attr()
         self.model = unwrap_model(model)
-        self.labels = list(classnames)
-        self.image_size = ifnone(image_size, self.model.visual.input_resolution)
+        self.classes = list(descriptions)
+        self.image_size = ifnone(image_size, self.model.visual.image_size)
         self.update()
 
     def update(self):
         "Recompute the class embeddings with the model's current weights"
-        self.class_embeddings = class_embeddings(self.model, self.tokenizer, self.classnames, self.templates, self.bs)
+        self.class_embeddings = class_embeddings(self.model, self.tokenizer, self.descriptions, self.templates, self.bs)
         return self
 
     def prepare(self, images) -> torch.Tensor:
@@ -153,59 +146,53 @@ class ZeroShotClassifier:
         return self.model.logit_scale.exp().to(image_features.device) * image_features.float() @ weights.t()
 
     def probabilities(self, images) -> torch.Tensor:
-        "Softmax over the classes, in the order of `labels`, [n, n_classes]"
+        "Softmax over the classes, in the order of `classes`, [n, n_classes]"
         return self.logits(images).softmax(dim=-1)
 
     def predict(self, images, # A file, PIL image, [3, H, W] tensor, a list of them, or an [n, 3, H, W] batch
-                k:int=None, # Keep only the `k` most probable labels
+                k:int=None, # Keep only the `k` most probable classes
                ) -> list:
         "(label, probability) pairs, best first: one list for one image, a list of lists for several"
         probs = self.probabilities(images)
-        ranked = [[(self.labels[i], p[i].item()) for i in p.argsort(descending=True)[:k]] for p in probs]
+        ranked = [[(self.classes[i], p[i].item()) for i in p.argsort(descending=True)[:k]] for p in probs]
         single = isinstance(images, (str, Path, Image.Image)) or (isinstance(images, torch.Tensor) and images.ndim == 3)
         return ranked[0] if single else ranked
 
-    def __repr__(self): return f"{type(self).__name__}({len(self.labels)} classes: {', '.join(map(str, self.labels[:5]))}{', ...' if len(self.labels) > 5 else ''})"
+    def __repr__(self): return f"{type(self).__name__}({len(self.classes)} classes: {', '.join(map(str, self.classes[:5]))}{', ...' if len(self.classes) > 5 else ''})"
 
 # %% ../nbs/06_zeroshot.ipynb #7db4f871
 def zero_shot_predict(model, # A `CLIP` model
                       tokenizer, # The `ClipTokenizer` the model was trained with
                       images, # A file, PIL image, [3, H, W] tensor, a list of them, or an [n, 3, H, W] batch
-                      labels, # Candidate labels
-                      templates=('{}',), # Templates for the labels; by default they are used as written
+                      descriptions, # Candidate classes (names or sentences), or a dict of class name → description(s)
+                      templates=('{}',), # Templates for the class names; by default they are used as written
                       image_size:int=None, # Side of the square images; default the model's input resolution
                      ) -> list:
     "(label, probability) pairs of `images`, best first"
-    return ZeroShotClassifier(model, tokenizer, labels, list(templates), image_size).predict(images)
+    return ZeroShotClassifier(model, tokenizer, descriptions, None if isinstance(descriptions, dict) else list(templates),
+                              image_size).predict(images)
 
 # %% ../nbs/06_zeroshot.ipynb #afb7299b
-def dls_tokenizer(dls):
-    "The `ClipTokenizer` that tokenizes the captions of `dls` (`DataLoaders` or `DataLoader`), or `None`"
-    dataset = dls.valid_ds if isinstance(dls, DataLoaders) else getattr(dls, 'dataset', None)
-    for tfmd_list in getattr(dataset, 'tls', []):
-        for tfm in tfmd_list.tfms.fs:
-            if isinstance(tfm, ClipTokenizer): return tfm
-
 def tokenizer_for(model, # A `CLIP` model
                   dls=None, # `DataLoaders` whose caption tokenizer to use
                   tokenizer=None): # Used when given
     "`tokenizer`, else the one of `dls`, else a `ClipTokenizer` with the model's context length"
-    if tokenizer is None and dls is not None: tokenizer = dls_tokenizer(dls)
+    if tokenizer is None and dls is not None: tokenizer = caption_tokenizer(dls, required=False)
     return tokenizer if tokenizer is not None else ClipTokenizer(context_length=unwrap_model(model).context_length)
 
-def dls_classnames(dls, # `DataLoaders` from `CaptionDataLoaders.from_folder`
-                   classnames=None): # Class names, or a dict of class name → descriptions; default `dls.descriptions`
-    "`classnames` in the order of the class indices of `dls`"
-    classnames = ifnone(classnames, getattr(dls, 'descriptions', None))
-    if classnames is None: raise ValueError("Pass `classnames`: these DataLoaders have no class descriptions")
+def dls_descriptions(dls, # `DataLoaders` from `CaptionDataLoaders.from_folder`
+                     descriptions=None): # Class names, or a dict of class name → descriptions; default `dls.descriptions`
+    "`descriptions` in the order of the class indices of `dls`"
+    descriptions = ifnone(descriptions, getattr(dls, 'descriptions', None))
+    if descriptions is None: raise ValueError("Pass `descriptions`: these DataLoaders have no class descriptions")
     classes = getattr(dls, 'classes', None)
-    if isinstance(classnames, dict) and classes is not None:
-        missing = [c for c in classes if c not in classnames]
+    if isinstance(descriptions, dict) and classes is not None:
+        missing = [c for c in classes if c not in descriptions]
         if missing: raise KeyError(f"No description for class(es) {missing}")
-        return {c: classnames[c] for c in classes}
-    if classes is not None and len(classnames) != len(classes):
-        raise ValueError(f"{len(classnames)} class names for {len(classes)} classes")
-    return classnames
+        return {c: descriptions[c] for c in classes}
+    if classes is not None and len(descriptions) != len(classes):
+        raise ValueError(f"{len(descriptions)} class names for {len(classes)} classes")
+    return descriptions
 
 # %% ../nbs/06_zeroshot.ipynb #c6bb6d53
 def topk_correct(logits, # Scores, [n, n_classes]
@@ -219,7 +206,7 @@ def topk_correct(logits, # Scores, [n, n_classes]
 @torch.no_grad()
 def zero_shot_accuracy(model, # A `CLIP` model
                        dls, # `DataLoaders` (its validation set is used) or a `DataLoader` of (image, ..., class index) batches
-                       classnames=None, # Class names or a dict of descriptions, by class index; default `dls.descriptions`
+                       descriptions=None, # Class names or a dict of descriptions, by class index; default `dls.descriptions`
                        tokenizer=None, # Default: the tokenizer of `dls`'s captions
                        templates=None, # Templates for class names; `default_templates` by default
                        ks=(1, 5), # Report top-k accuracy for each k
@@ -227,7 +214,7 @@ def zero_shot_accuracy(model, # A `CLIP` model
     "Zero-shot top-k accuracies on the validation set of `dls`, as {'top1': ..., 'top5': ...}"
     model = unwrap_model(model)
     dl = dls.valid if isinstance(dls, DataLoaders) else dls
-    weights = class_embeddings(model, tokenizer_for(model, dls, tokenizer), dls_classnames(dls, classnames), templates)
+    weights = class_embeddings(model, tokenizer_for(model, dls, tokenizer), dls_descriptions(dls, descriptions), templates)
     correct = {k: [] for k in ks}
     with evaluation_mode(model):
         for batch in dl:
@@ -237,15 +224,15 @@ def zero_shot_accuracy(model, # A `CLIP` model
 
 # %% ../nbs/06_zeroshot.ipynb #64240b90
 @patch
-def zero_shot_classifier(self:Learner, classnames=None, # Class names, or a dict of descriptions; default `dls.descriptions`
+def zero_shot_classifier(self:Learner, descriptions=None, # Class names, or a dict of descriptions; default `dls.descriptions`
                          templates=None, # Templates with `{}` for class names; `default_templates` by default
                          tokenizer=None, # Default: the tokenizer of the learner's captions
                          image_size:int=None, # Side of the square images; default the model's input resolution
                         ) -> ZeroShotClassifier:
     "A `ZeroShotClassifier` with this learner's model"
-    classnames = ifnone(classnames, getattr(self.dls, 'descriptions', None))
-    if classnames is None: raise ValueError("Pass `classnames`: these DataLoaders have no class descriptions")
-    return ZeroShotClassifier(self.model, tokenizer_for(self.model, self.dls, tokenizer), classnames, templates, image_size)
+    descriptions = ifnone(descriptions, getattr(self.dls, 'descriptions', None))
+    if descriptions is None: raise ValueError("Pass `descriptions`: these DataLoaders have no class descriptions")
+    return ZeroShotClassifier(self.model, tokenizer_for(self.model, self.dls, tokenizer), descriptions, templates, image_size)
 
 # %% ../nbs/06_zeroshot.ipynb #47ac7767
 @patch
@@ -260,13 +247,13 @@ def predict(self:CLIPLearner, item, # An image (file, `Path` or PIL image), a ca
     if classifier is None: return image_embeddings[0] if text_embeddings is None else (image_embeddings[0], text_embeddings[0])
     probabilities = classifier.scores(image_embeddings).softmax(dim=-1)[0]
     index = probabilities.argmax()
-    return classifier.labels[index], index, probabilities
+    return classifier.classes[index], index, probabilities
 
 # %% ../nbs/06_zeroshot.ipynb #20acc67f
 class ZeroShotAccuracy(Metric):
     "Zero-shot top-k accuracy on the validation set, with class embeddings from the current weights"
     def __init__(self, tokenizer=None, # Default: the tokenizer of the learner's captions
-                 classnames=None, # Class names or a dict of descriptions; default `dls.descriptions`
+                 descriptions=None, # Class names or a dict of descriptions; default `dls.descriptions`
                  templates=None, # Templates for class names; `default_templates` by default
                  k:int=1): # Top-k
         store_attr()
@@ -277,7 +264,7 @@ class ZeroShotAccuracy(Metric):
     def accumulate(self, learn):
         if self.weights is None:
             tokenizer = tokenizer_for(learn.model, learn.dls, self.tokenizer)
-            self.weights = class_embeddings(learn.model, tokenizer, dls_classnames(learn.dls, self.classnames), self.templates)
+            self.weights = class_embeddings(learn.model, tokenizer, dls_descriptions(learn.dls, self.descriptions), self.templates)
         # the image features are the model's own output: normalised, and half precision under `to_fp16`
         correct = learn.to_detach(topk_correct(learn.pred[0].float() @ self.weights.float().t(), learn.yb[-1], self.k))
         self.correct += correct.sum().item(); self.count += len(correct)

@@ -14,7 +14,7 @@ from fastai.optimizer import OptimWrapper
 from fastai.torch_core import rank_distrib
 from accelerate import PartialState
 import fastai.distributed  # `Learner.distrib_ctx`
-from clip_fastai.model import CLIP, tiny_vit_config, tiny_resnet_config
+from clip_fastai.model import CLIP
 from clip_fastai.data import TensorMatchId
 from clip_fastai.metrics import RetrievalAtK
 from clip_fastai.train import clip_learner, unwrap_model, no_weight_decay_params
@@ -34,7 +34,7 @@ def make_items(n:int, seed:int=0) -> list:
 
 def make_model(seed:int=0) -> CLIP:
     torch.manual_seed(seed)
-    return CLIP(**tiny_vit_config(32, CONTEXT, VOCAB))
+    return CLIP.from_config('tiny-vit', image_size=32, context_length=CONTEXT, vocab_size=VOCAB)
 
 def make_dls(items, bs:int, valid_items=None) -> DataLoaders:
     return DataLoaders(TfmdDL(items, bs=bs, shuffle=False, drop_last=False),
@@ -153,7 +153,7 @@ def scenario_metrics():
 def scenario_resnet_defaults():
     "A ResNet CLIP under `CLIPLearner.distrib_ctx()` with no arguments: on CPU, no `SyncBatchNorm` (DDP needs a GPU for it)"
     torch.manual_seed(0)
-    learn = clip_learner(make_dls(make_items(16, seed=5), 4), CLIP(**tiny_resnet_config(32, CONTEXT, VOCAB)))
+    learn = clip_learner(make_dls(make_items(16, seed=5), 4), CLIP.from_config('tiny-resnet', image_size=32, context_length=CONTEXT, vocab_size=VOCAB))
     learn.remove_cb(learn.clip_trainer).add_cb(DistributedCLIPTrainer())
     with learn.distrib_ctx(): learn.fit(1, 1e-3)
     return {'state': {k: v.detach().clone() for k, v in unwrap_model(learn.model).state_dict().items()},

@@ -15,12 +15,12 @@ root = Path(__file__).resolve().parents[1]
 bin_dir = Path(sys.executable).parent
 environment = {**os.environ, 'OMP_NUM_THREADS': '1'}
 
-def launch(out, *scenarios):
-    "Run the worker's `scenarios` in 2 processes; they save their results in `out`"
-    result = subprocess.run([str(bin_dir/'torchrun'), '--standalone', '--nproc_per_node', '2', str(root/'tests'/'distributed_worker.py'),
+def launch(out, *scenarios, nproc:int=2, worker=root/'tests'/'distributed_worker.py'):
+    "Run the `worker` script's `scenarios` in `nproc` processes; they save their results in `out`"
+    result = subprocess.run([str(bin_dir/'torchrun'), '--standalone', '--nproc_per_node', str(nproc), str(worker),
                              str(out), *scenarios], cwd=root, env=environment, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return lambda scenario: [torch.load(out/f'{scenario}.rank{rank}.pt', weights_only=False) for rank in range(2)]
+    return lambda scenario: [torch.load(out/f'{scenario}.rank{rank}.pt', weights_only=False) for rank in range(nproc)]
 
 @pytest.fixture(scope='module')
 def learner_results(tmp_path_factory):
@@ -137,8 +137,8 @@ def test_resnet_distrib_ctx_defaults(tmp_path):
         torch.testing.assert_close(state0[name], state1[name], rtol=0, atol=0, msg=name)
     assert all(torch.isfinite(v.float()).all() for v in state0.values())
     torch.manual_seed(0)
-    from clip_fastai.model import CLIP, tiny_resnet_config
-    initial = CLIP(**tiny_resnet_config(32, 16, 1000)).state_dict()
+    from clip_fastai.model import CLIP
+    initial = CLIP.from_config('tiny-resnet', image_size=32, context_length=16, vocab_size=1000).state_dict()
     assert not torch.equal(initial['text_projection'], state0['text_projection'])
 
 # the training command, as a user runs it on a machine without GPU

@@ -42,7 +42,7 @@ def test_loads_open_clip_checkpoint(checkpoint, dls):
 def test_finetunes_open_clip_checkpoint_with_locked_image_tower(checkpoint, dls):
     reference, path = checkpoint
     model = CLIP.from_state_dict(torch.load(path))
-    learn = finetune_learner(dls, model, classification_weight=0.5, cbs=[]).lock_image()
+    learn = finetune_learner(dls, model, classification_weight=0.5, cbs=[]).lock_image_tower()
     learn.remove_cb(ProgressCallback)
     text_before = [p.detach().clone() for p in tower_parameters(model, 'text')]
     learn.fine_tune(1, 1e-3, freeze_epochs=1)

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 from fastai.torch_core import set_seed
 from clip_fastai.tokenizer import ClipTokenizer
-from clip_fastai.model import CLIP, tiny_resnet_config
+from clip_fastai.model import CLIP
 from clip_fastai.data import CaptionDataLoaders, make_digits_folder, digit_descriptions
 from clip_fastai.train import clip_learner
 
@@ -15,7 +15,7 @@ def test_loaded_learner_keeps_its_knowledge(tmp_path):
     folder = make_digits_folder(tmp_path/'digits', digits=range(3))
     tok = ClipTokenizer(context_length=16)
     dls = CaptionDataLoaders.from_folder(folder, digit_descriptions(), tokenizer=tok, image_size=32, bs=32, num_workers=0)
-    learn = clip_learner(dls, CLIP(**tiny_resnet_config(32, tok.context_length, tok.vocab_size)))
+    learn = clip_learner(dls, CLIP.from_config('tiny-resnet', image_size=32, context_length=tok.context_length, vocab_size=tok.vocab_size))
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
     learn.export(tmp_path/'learner.pkl')
     files = [str(f) for f in sorted((folder/'valid').rglob('*.png'))[:5]]
@@ -34,12 +34,12 @@ def test_loaded_learner_keeps_its_knowledge(tmp_path):
         assert learn.dls.vocab == ['0', '1', '2'], learn.dls.vocab
         assert set(learn.dls.descriptions) == {{'0', '1', '2'}}, learn.dls.descriptions
         classifier = learn.zero_shot_classifier()
-        assert classifier.labels == ['0', '1', '2'], classifier.labels
+        assert classifier.classes == ['0', '1', '2'], classifier.classes
         label, index, probs = learn.predict(files[0])
         torch.testing.assert_close(probs, expected['probs'], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(learn.get_preds(dl=learn.dls.test_dl(files))[0], expected['image'], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(learn.get_preds(dl=learn.dls.test_dl(["a handwritten digit two"]))[0], expected['text'], rtol=1e-5, atol=1e-6)
-        learn.lock_image().unlock()
+        learn.lock_image_tower().unlock_towers()
         print(json.dumps({{'label': label, 'index': int(index)}}))
     """)
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}

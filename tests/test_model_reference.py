@@ -1,33 +1,25 @@
 """Compare `clip_fastai.model` with OpenAI's reference `model.py` (from the clip-anytorch wheel) and open_clip: weights,
 initialisation, outputs, gradients and sizes; and `CLIP.from_state_dict` on every checkpoint form, with its errors."""
-import importlib.util, sysconfig, tempfile, warnings
+import tempfile, warnings
 from pathlib import Path
 import pytest, torch
 import open_clip
 from clip_fastai.model import *
 from clip_fastai.model import infer_clip_config, load_clip_state_dict
 
-def _load_openai_model():
-    "OpenAI's `clip/model.py`, imported as a file (its package `__init__` needs pkg_resources)"
-    path = Path(sysconfig.get_paths()['purelib'])/'clip'/'model.py'
-    spec = importlib.util.spec_from_file_location('openai_clip_model', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from reference import openai_code, openai_arguments
 
-openai = _load_openai_model()
+openai = openai_code('model')
 
 # small configs with several heads in every attention, and a ResNet whose pooling sees a 2x2 map
 small_configs = {
-    'vit': dict(embed_dim=48, image_resolution=32, vision_layers=2, vision_width=128, vision_patch_size=8,
+    'vit': dict(embed_dim=48, image_size=32, vision_layers=2, vision_width=128, vision_patch_size=8,
                 context_length=20, vocab_size=500, transformer_width=128, transformer_heads=2, transformer_layers=3),
-    'resnet': dict(embed_dim=48, image_resolution=64, vision_layers=(1, 2, 1, 2), vision_width=16, vision_patch_size=None,
+    'resnet': dict(embed_dim=48, image_size=64, vision_layers=(1, 2, 1, 2), vision_width=16, vision_patch_size=None,
                    context_length=20, vocab_size=500, transformer_width=128, transformer_heads=2, transformer_layers=2),
 }
 
-published = {'RN50': rn50_config, 'RN101': rn101_config, 'RN50x4': rn50x4_config, 'RN50x16': rn50x16_config,
-             'RN50x64': rn50x64_config, 'ViT-B/32': vitb32_config, 'ViT-B/16': vitb16_config,
-             'ViT-L/14': vitl14_config, 'ViT-L/14@336px': vitl14_336_config}
+published = [name for name in clip_configs if not name.startswith('tiny-')]
 
 def randomise(model, image, seed=0):
     "`model` (OpenAI's or open_clip's CLIP) with weights well away from the initialisation and BatchNorm statistics of `image`"
@@ -48,12 +40,12 @@ def randomise(model, image, seed=0):
 def openai_model(config, seed=0):
     "OpenAI's CLIP for `config`, its weights randomised well away from the initialisation (BatchNorm statistics too)"
     torch.manual_seed(seed)
-    return randomise(openai.CLIP(**config), inputs(config, bs=8, seed=seed + 2)[0], seed)
+    return randomise(openai.CLIP(**openai_arguments(config)), inputs(config, bs=8, seed=seed + 2)[0], seed)
 
 def inputs(config, bs=4, seed=2):
     "Images and token ids of several lengths, each ending with the end-of-text token (the largest id)"
     generator = torch.Generator().manual_seed(seed)
-    size = config['image_resolution']
+    size = config['image_size']
     image = torch.randn(bs, 3, size, size, generator=generator)
     text = torch.randint(1, config['vocab_size'] - 1, (bs, config['context_length']), generator=generator)
     for i, length in enumerate(torch.randint(2, config['context_length'], (bs,), generator=generator)):
@@ -65,7 +57,7 @@ def inputs(config, bs=4, seed=2):
 def test_same_initialisation_as_openai(kind):
     "With the same seed, our constructor draws exactly OpenAI's initial weights"
     config = small_configs[kind]
-    torch.manual_seed(0); theirs = openai.CLIP(**config).state_dict()
+    torch.manual_seed(0); theirs = openai.CLIP(**openai_arguments(config)).state_dict()
     torch.manual_seed(0); ours = CLIP(**config).state_dict()
     assert list(ours) == list(theirs)
     for k in theirs: assert torch.equal(ours[k], theirs[k]), k
@@ -114,7 +106,7 @@ def test_from_state_dict_reads_openai_config_and_fp16_weights(kind):
     config = small_configs[kind]
     theirs = openai_model(config)
     openai.convert_weights(theirs)  # what `clip.load` gives: fp16 linear/conv/attention weights
-    state_dict = dict(theirs.state_dict(), input_resolution=torch.tensor(config['image_resolution']),
+    state_dict = dict(theirs.state_dict(), input_resolution=torch.tensor(config['image_size']),
                       context_length=torch.tensor(config['context_length']), vocab_size=torch.tensor(config['vocab_size']))
     reference = openai.build_model(dict(state_dict))  # OpenAI's own inference of the configuration
     inferred = infer_clip_config(state_dict)
@@ -148,9 +140,9 @@ def test_load_error_names_the_keys():
 @pytest.mark.parametrize('name', published)
 def test_published_configs_match_openai(name):
     "Every published config has OpenAI's parameter names, shapes and count (built on the meta device: no memory)"
-    config = published[name]()
+    config = clip_config(name)
     with torch.device('meta'):
-        theirs, ours = openai.CLIP(**config), CLIP(**config)
+        theirs, ours = openai.CLIP(**openai_arguments(config)), CLIP(**config)
     shapes_theirs = {k: v.shape for k, v in theirs.state_dict().items()}
     shapes_ours = {k: v.shape for k, v in ours.state_dict().items()}
     assert shapes_ours == shapes_theirs
@@ -166,10 +158,10 @@ def test_published_sizes():
                 'RN50x16': (768, 384, 96, 768), 'RN50x64': (1024, 448, 128, 1024), 'ViT-B/32': (512, 224, 768, 512),
                 'ViT-B/16': (512, 224, 768, 512), 'ViT-L/14': (768, 224, 1024, 768), 'ViT-L/14@336px': (768, 336, 1024, 768)}
     for name, (embed, resolution, vision_width, text_width) in expected.items():
-        config = published[name]()
-        assert (config['embed_dim'], config['image_resolution'], config['vision_width'], config['transformer_width']) == \
+        config = clip_config(name)
+        assert (config['embed_dim'], config['image_size'], config['vision_width'], config['transformer_width']) == \
                (embed, resolution, vision_width, text_width), name
-    with torch.device('meta'): model = CLIP(**vitb32_config())
+    with torch.device('meta'): model = CLIP.from_config('ViT-B/32')
     assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == 151.3  # ViT-B/32 has 151.3M parameters
 
 def mlp_activations(model):
@@ -190,7 +182,7 @@ def test_open_clip_exact_gelu_configs(name):
     torch.manual_seed(0)
     theirs = open_clip.create_model(name, pretrained=None)
     assert mlp_activations(theirs) == {torch.nn.GELU}
-    config = dict(image_resolution=224, context_length=77, vocab_size=49408)
+    config = dict(image_size=224, context_length=77, vocab_size=49408)
     randomise(theirs, inputs(config, bs=4, seed=3)[0])
     image, text = inputs(config, bs=2)
     image_theirs, text_theirs = features(theirs, image, text)
@@ -237,7 +229,7 @@ def test_every_checkpoint_form_loads(kind, tmp_path):
     torch.save({'config': model.config, 'state_dict': model.state_dict()}, tmp_path/'ours.pth')
     loaded = load(tmp_path/'ours.pth')
     assert loaded.config == model.config
-    assert load(tmp_path/'ours.pth', checkpoint=True).transformer.grad_checkpointing
+    assert load(tmp_path/'ours.pth', grad_checkpointing=True).transformer.grad_checkpointing
     # open_clip's training checkpoint, saved from DDP (`module.`) and torch.compile (`_orig_mod.`), with its mask buffer
     wrapped = {f'module._orig_mod.{k}': v for k, v in plain.items()} | {'module.attn_mask': torch.zeros(3, 3)}
     torch.save({'epoch': 2, 'name': 'run', 'state_dict': wrapped, 'optimizer': {'state': {}}}, tmp_path/'epoch_2.pt')
@@ -320,5 +312,5 @@ def test_public_names():
                  'chunk_blocks', 'batchnorm_statistics_kept', 'run_blocks', 'GradCheckpointing', 'Transformer',
                  'VisionTransformer', 'Bottleneck', 'AttentionPool2d', 'infer_clip_config', 'load_clip_state_dict'}
     assert not internals & set(model.__all__), internals & set(model.__all__)
-    assert {'CLIP', 'ModifiedResNet', 'clip_config', 'clip_configs', 'vitb32_config', 'tiny_resnet_config'} <= set(model.__all__)
+    assert {'CLIP', 'ModifiedResNet', 'clip_config', 'clip_configs'} <= set(model.__all__)
     assert all(hasattr(model, name) for name in internals)  # still importable by name

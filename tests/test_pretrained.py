@@ -63,7 +63,7 @@ def open_clip_model(tmp_path, kind, quick_gelu, custom_text=False):
     open_clip.add_model_config(tmp_path/f'{name}.json')
     torch.manual_seed(0)
     model = open_clip.create_model(name, pretrained=None)
-    config = dict(image_resolution=model_cfg['vision_cfg']['image_size'], context_length=20, vocab_size=500)
+    config = dict(image_size=model_cfg['vision_cfg']['image_size'], context_length=20, vocab_size=500)
     return randomise(model, inputs(config, bs=8, seed=3)[0]).eval(), model_cfg, config
 
 @pytest.mark.parametrize('quick_gelu', [False, True], ids=['gelu', 'quickgelu'])
@@ -176,7 +176,7 @@ def test_realistic_size_open_clip_vit_b_32_to_hf(tmp_path):
     "open_clip's ViT-B-32 (exact GELU), read by CLIP and written for Hugging Face: open_clip's features in transformers"
     torch.manual_seed(0)
     theirs = open_clip.create_model('ViT-B-32', pretrained=None)
-    config = dict(image_resolution=224, context_length=77, vocab_size=49408)
+    config = dict(image_size=224, context_length=77, vocab_size=49408)
     randomise(theirs, inputs(config, bs=2, seed=3)[0]).eval()
     image, text = inputs(config, bs=2)
     reference = features(theirs, image, text)

@@ -77,7 +77,7 @@ from clip_fastai.cli import caption_dataloaders
 out = Path(sys.argv[1])
 learn, model = load_learner(out/'learner.pkl'), CLIP.from_state_dict(out/'model.pth')
 tokenizer = pickle.loads((out/'tokenizer.pkl').read_bytes())
-size = model.config['image_resolution']
+size = model.config['image_size']
 # the digits the command trained on (no data argument): the same validation set, in the same order
 dls = caption_dataloaders(None, tokenizer, size, 64, num_workers=0)
 results = {}

@@ -1,6 +1,6 @@
 """`ClipTokenizer` against OpenAI's `simple_tokenizer.py` (clip-anytorch wheel) and open_clip's tokenizer,
 token for token, on a seeded corpus of a few thousand varied strings."""
-import functools, html, importlib.util, random
+import functools, html, random
 from pathlib import Path
 
 import ftfy, pytest, torch
@@ -11,15 +11,9 @@ from clip_fastai.tokenizer import ClipTokenizer, clean_text
 # ---------------------------------------------------------------------------------------------------------------
 # References
 
-def _load_openai_simple_tokenizer():
-    "OpenAI's `clip/simple_tokenizer.py`, imported as a file: `clip/__init__.py` needs pkg_resources"
-    package_dir = Path(importlib.util.find_spec('clip').submodule_search_locations[0])
-    spec = importlib.util.spec_from_file_location('openai_simple_tokenizer', package_dir/'simple_tokenizer.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from reference import openai_code
 
-openai_module = _load_openai_simple_tokenizer()
+openai_module = openai_code('simple_tokenizer')
 # The reference reads its own copy of the vocabulary, which also checks the file we ship
 openai_tokenizer = openai_module.SimpleTokenizer()
 SOT, EOT, CONTEXT = 49406, 49407, 77
