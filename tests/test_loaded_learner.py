@@ -3,19 +3,11 @@ of clip_fastai itself: its classes, descriptions, tokenizer and every documented
 import os, subprocess, sys, json, textwrap
 from pathlib import Path
 import torch
-from fastai.torch_core import set_seed
-from clip_fastai.tokenizer import ClipTokenizer
-from clip_fastai.model import CLIP
-from clip_fastai.data import CaptionDataLoaders, make_digits_folder, digit_descriptions
-from clip_fastai.train import clip_learner
+from digits import digits_learner
 
 def test_loaded_learner_keeps_its_knowledge(tmp_path):
-    torch.set_num_threads(1)
-    set_seed(0, reproducible=True)
-    folder = make_digits_folder(tmp_path/'digits', digits=range(3))
-    tok = ClipTokenizer(context_length=16)
-    dls = CaptionDataLoaders.from_folder(folder, digit_descriptions(), tokenizer=tok, image_size=32, bs=32, num_workers=0)
-    learn = clip_learner(dls, CLIP.from_config('tiny-resnet', image_size=32, context_length=tok.context_length, vocab_size=tok.vocab_size))
+    learn = digits_learner(tmp_path)
+    dls, folder = learn.dls, tmp_path/'digits'
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
     learn.export(tmp_path/'learner.pkl')
     files = [str(f) for f in sorted((folder/'valid').rglob('*.png'))[:5]]

@@ -3,22 +3,12 @@ CLIP learner: they run, and they log what they promise. W&B runs offline."""
 import os, io
 from pathlib import Path
 import pytest, torch
-from fastai.torch_core import set_seed
-from clip_fastai.tokenizer import ClipTokenizer
-from clip_fastai.model import CLIP
-from clip_fastai.data import CaptionDataLoaders, make_digits_folder, digit_descriptions
-from clip_fastai.train import clip_learner
 from clip_fastai.metrics import RetrievalAtK
+from digits import digits_learner
 
 @pytest.fixture
 def learner(tmp_path):
-    torch.set_num_threads(1)
-    set_seed(0, reproducible=True)
-    folder = make_digits_folder(tmp_path/'digits', digits=range(3))
-    tok = ClipTokenizer(context_length=16)
-    dls = CaptionDataLoaders.from_folder(folder, digit_descriptions(), tokenizer=tok, image_size=32, bs=32, num_workers=0)
-    model = CLIP.from_config('tiny-resnet', image_size=32, context_length=tok.context_length, vocab_size=tok.vocab_size)
-    return lambda **kwargs: clip_learner(dls, model, metrics=[RetrievalAtK(1)], path=tmp_path, **kwargs)
+    return lambda **kwargs: digits_learner(tmp_path, metrics=[RetrievalAtK(1)], **kwargs)
 
 def test_tensorboard_defaults(learner, tmp_path, capsys):
     from fastai.callback.tensorboard import TensorBoardCallback

@@ -196,10 +196,10 @@ open_clip_names = {'RN50': 'RN50', 'RN101': 'RN101', 'RN50x4': 'RN50x4', 'RN50x1
 @pytest.mark.parametrize('open_clip_name', list(open_clip_names))
 def test_every_open_clip_config(open_clip_name, suffix, activation):
     import open_clip
-    from clip_fastai.model import clip_configs
+    from clip_fastai.model import clip_config
     from clip_fastai.pretrained import clip_config_from_open_clip
     config = clip_config_from_open_clip(open_clip.get_model_config(open_clip_name + suffix))
-    expected = clip_configs[open_clip_names[open_clip_name]]()
+    expected = clip_config(open_clip_names[open_clip_name])
     assert {k: config[k] for k in expected} == expected, (config, expected)
     width = expected['vision_width']
     openai_heads = width // 64 if isinstance(expected['vision_layers'], int) else width * 32 // 64
