@@ -115,23 +115,25 @@ class RetrievalAtK(Metric):
         return len(torch.cat(self.match_ids).unique())
 
     @property
-    def value(self):
-        ranks = self.ranks
-        if ranks is None: return None
-        if self.k == 'mean': value = ranks.float().mean().item()
-        elif self.k == 'median': value = ranks.median().item()
-        else: value = (ranks <= self.k).float().mean().item()
-        n, cutoff = self.n_candidates, self.k if isinstance(self.k, int) else 1
-        if n <= cutoff:
-            what = 'distinct match ids' if self.candidates == 'ids' else 'rows'
-            warnings.warn(f"{self.name} = {value:g} for any model: the validation set has {n} {what} to rank "
-                          f"({len(ranks)} queries), so no query can rank worse than {n}; validate on more than {cutoff} {what}")
-        return value
-
-    @property
     def name(self):
         measure = f'R@{self.k}' if isinstance(self.k, int) else f'{self.k}_rank'
         return f"{self.direction}_{measure}" + ('_by_id' if self.candidates == 'ids' else '')
+
+# %% ../nbs/04_metrics.ipynb #c04p0002
+@patch(as_prop=True)
+def value(self:RetrievalAtK):
+    "R@k, or the mean or median rank, of the accumulated validation set; a warning when it cannot tell models apart"
+    ranks = self.ranks
+    if ranks is None: return None
+    if self.k == 'mean': value = ranks.float().mean().item()
+    elif self.k == 'median': value = ranks.median().item()
+    else: value = (ranks <= self.k).float().mean().item()
+    n, cutoff = self.n_candidates, self.k if isinstance(self.k, int) else 1
+    if n <= cutoff:
+        what = 'distinct match ids' if self.candidates == 'ids' else 'rows'
+        warnings.warn(f"{self.name} = {value:g} for any model: the validation set has {n} {what} to rank "
+                      f"({len(ranks)} queries), so no query can rank worse than {n}; validate on more than {cutoff} {what}")
+    return value
 
 # %% ../nbs/04_metrics.ipynb #c0ffee01
 @contextmanager

@@ -56,24 +56,6 @@ class ClipTokenizer(DisplayedTransform):
         store_attr()
         self._load_vocabulary()
 
-    def _load_vocabulary(self):
-        "Read the merges and build the id tables"
-        lines = gzip.open(self.bpe_path or default_bpe_path()).read().decode('utf-8').split('\n')
-        # OpenAI keeps the first 49152-256-2 merges of the file, after its header line
-        merges = [tuple(line.split()) for line in lines[1:49152-256-2+1]]
-        byte_chars = _byte_characters()
-        chars = list(byte_chars.values())
-        self.vocab = chars + [c+'</w>' for c in chars] + [''.join(m) for m in merges] + ['<|startoftext|>', '<|endoftext|>']
-        self.vocab_size = len(self.vocab)
-        self.sot_token_id, self.eot_token_id = self.vocab_size-2, self.vocab_size-1
-        self._special_ids = {'<|startoftext|>': (self.sot_token_id,), '<|endoftext|>': (self.eot_token_id,)}
-        self._byte_chars = [byte_chars[b] for b in range(256)]
-        self._token_ids = {token: i for i, token in enumerate(self.vocab)}
-        self._merge_ranks = {merge: rank for rank, merge in enumerate(merges)}
-        char_bytes = {c: b for b, c in byte_chars.items()}
-        self._token_bytes = [bytes(char_bytes[c] for c in token) for token in self.vocab]
-        self._word_cache, self._piece_cache = {}, {}
-
     def encodes(self, text:str):
         "`TensorText` of `context_length` ids: sot, tokens, eot, zero padding"
         return TensorText(torch.from_numpy(self._encode_batch([text])[0]))
@@ -95,19 +77,33 @@ class ClipTokenizer(DisplayedTransform):
         "Text of 1-D `ids`, or a list of texts for 2-D `ids`; in a pipeline's tuple only the `TensorText` is decoded"
         return super().decode(ids, **kwargs) if isinstance(ids, tuple) else self._decode_any(ids)
 
-    def _decode_any(self, ids:torch.Tensor|np.ndarray|list):
-        ids = torch.as_tensor(ids)
-        if ids.ndim == 2: return [self._decode_ids(row) for row in ids.tolist()]
-        if ids.ndim != 1: raise ValueError(f"ClipTokenizer decodes 1-D or 2-D ids, got shape {tuple(ids.shape)}")
-        return self._decode_ids(ids.tolist())
+# %% ../nbs/00_tokenizer.ipynb #c00p0001
+@patch
+def _load_vocabulary(self:ClipTokenizer):
+    "Read the merges and build the id tables"
+    lines = gzip.open(self.bpe_path or default_bpe_path()).read().decode('utf-8').split('\n')
+    # OpenAI keeps the first 49152-256-2 merges of the file, after its header line
+    merges = [tuple(line.split()) for line in lines[1:49152-256-2+1]]
+    byte_chars = _byte_characters()
+    chars = list(byte_chars.values())
+    self.vocab = chars + [c+'</w>' for c in chars] + [''.join(m) for m in merges] + ['<|startoftext|>', '<|endoftext|>']
+    self.vocab_size = len(self.vocab)
+    self.sot_token_id, self.eot_token_id = self.vocab_size-2, self.vocab_size-1
+    self._special_ids = {'<|startoftext|>': (self.sot_token_id,), '<|endoftext|>': (self.eot_token_id,)}
+    self._byte_chars = [byte_chars[b] for b in range(256)]
+    self._token_ids = {token: i for i, token in enumerate(self.vocab)}
+    self._merge_ranks = {merge: rank for rank, merge in enumerate(merges)}
+    char_bytes = {c: b for b, c in byte_chars.items()}
+    self._token_bytes = [bytes(char_bytes[c] for c in token) for token in self.vocab]
+    self._word_cache, self._piece_cache = {}, {}
 
-    _derived = ('vocab', '_special_ids', '_byte_chars', '_token_ids', '_merge_ranks', '_token_bytes', '_word_cache', '_piece_cache')
-    def __getstate__(self):
-        "Pickle the settings only: the vocabulary is read again and the caches start empty"
-        return {k: v for k, v in self.__dict__.items() if k not in self._derived}
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._load_vocabulary()
+# %% ../nbs/00_tokenizer.ipynb #c00p0003
+@patch
+def _decode_any(self:ClipTokenizer, ids:torch.Tensor|np.ndarray|list):
+    ids = torch.as_tensor(ids)
+    if ids.ndim == 2: return [self._decode_ids(row) for row in ids.tolist()]
+    if ids.ndim != 1: raise ValueError(f"ClipTokenizer decodes 1-D or 2-D ids, got shape {tuple(ids.shape)}")
+    return self._decode_ids(ids.tolist())
 
 # %% ../nbs/00_tokenizer.ipynb #ad8d0cba
 @patch
@@ -181,3 +177,14 @@ def _decode_ids(self:ClipTokenizer, ids:list) -> TitledStr:
     if bad: raise ValueError(f"Token ids {bad[:5]} are outside the vocabulary of {self.vocab_size}")
     text = b''.join(self._token_bytes[i] for i in ids).decode('utf-8', errors='replace')
     return TitledStr(text.replace('</w>', ' ').strip())
+
+# %% ../nbs/00_tokenizer.ipynb #c00p0005
+ClipTokenizer._derived = ('vocab', '_special_ids', '_byte_chars', '_token_ids', '_merge_ranks', '_token_bytes', '_word_cache', '_piece_cache')
+@patch
+def __getstate__(self:ClipTokenizer):
+    "Pickle the settings only: the vocabulary is read again and the caches start empty"
+    return {k: v for k, v in self.__dict__.items() if k not in self._derived}
+@patch
+def __setstate__(self:ClipTokenizer, state):
+    self.__dict__.update(state)
+    self._load_vocabulary()

@@ -145,20 +145,24 @@ class ZeroShotClassifier:
         weights = self.class_embeddings.to(image_features.device, torch.float32)
         return self.model.logit_scale.exp().to(image_features.device) * image_features.float() @ weights.t()
 
-    def probabilities(self, images) -> torch.Tensor:
-        "Softmax over the classes, in the order of `classes`, [n, n_classes]"
-        return self.logits(images).softmax(dim=-1)
+# %% ../nbs/06_zeroshot.ipynb #c06p0002
+@patch
+def probabilities(self:ZeroShotClassifier, images) -> torch.Tensor:
+    "Softmax over the classes, in the order of `classes`, [n, n_classes]"
+    return self.logits(images).softmax(dim=-1)
 
-    def predict(self, images, # A file, PIL image, [3, H, W] tensor, a list of them, or an [n, 3, H, W] batch
-                k:int=None, # Keep only the `k` most probable classes
-               ) -> list:
-        "(label, probability) pairs, best first: one list for one image, a list of lists for several"
-        probs = self.probabilities(images)
-        ranked = [[(self.classes[i], p[i].item()) for i in p.argsort(descending=True)[:k]] for p in probs]
-        single = isinstance(images, (str, Path, Image.Image)) or (isinstance(images, torch.Tensor) and images.ndim == 3)
-        return ranked[0] if single else ranked
+@patch
+def predict(self:ZeroShotClassifier, images, # A file, PIL image, [3, H, W] tensor, a list of them, or an [n, 3, H, W] batch
+            k:int=None, # Keep only the `k` most probable classes
+           ) -> list:
+    "(label, probability) pairs, best first: one list for one image, a list of lists for several"
+    probs = self.probabilities(images)
+    ranked = [[(self.classes[i], p[i].item()) for i in p.argsort(descending=True)[:k]] for p in probs]
+    single = isinstance(images, (str, Path, Image.Image)) or (isinstance(images, torch.Tensor) and images.ndim == 3)
+    return ranked[0] if single else ranked
 
-    def __repr__(self): return f"{type(self).__name__}({len(self.classes)} classes: {', '.join(map(str, self.classes[:5]))}{', ...' if len(self.classes) > 5 else ''})"
+@patch
+def __repr__(self:ZeroShotClassifier): return f"{type(self).__name__}({len(self.classes)} classes: {', '.join(map(str, self.classes[:5]))}{', ...' if len(self.classes) > 5 else ''})"
 
 # %% ../nbs/06_zeroshot.ipynb #7db4f871
 def zero_shot_predict(model, # A `CLIP` model
