@@ -16,13 +16,15 @@ from fastai.torch_core import rank_distrib, num_distrib, set_seed
 from fastai.callback.schedule import fit_one_cycle, fine_tune
 from fastai.callback.fp16 import to_fp16, to_bf16
 from .tokenizer import ClipTokenizer
-from .model import CLIP, clip_configs
+from .model import CLIP, clip_configs, clip_config
 import clip_fastai.pretrained # `CLIP.from_pretrained`
 from .data import CaptionDataLoaders, make_digits_folder, digit_descriptions
 from .shards import shard_urls # also `CaptionDataLoaders.from_shards`
 from .train import clip_learner, unwrap_model, clip_losses
 from .siglip import siglip_init
+from .resume import SaveProgress, progress_file, _differences
 from .metrics import RetrievalAtK
+from .throughput import ThroughputCallback # also `Learner.compile`
 from .distributed import DistributedCLIPTrainer, lone_accelerate_cpu_process
 from .zeroshot import zero_shot_accuracy
 from .finetune import finetune_learner
@@ -116,6 +118,29 @@ def check_arguments(data=None, descriptions=None, images=None, model='tiny-resne
     if not existing.is_dir(): raise ArgumentError(f"--out {out} cannot be a folder: {existing} is a file")
     if not os.access(existing, os.W_OK): raise ArgumentError(f"--out {out} cannot be written: {existing} is read-only")
 
+# %% ../nbs/08_cli.ipynb #8e88e08e
+def is_shards(data) -> bool:
+    "Whether the command's data names webdataset shards: a `.tar` path or brace pattern, a `pipe:` command or a `.txt` list of them"
+    return str(data).startswith('pipe:') or '.tar' in str(data) or str(data).endswith('.txt')
+
+def check_shards(shards, flag:str):
+    "`ArgumentError` naming `flag` when the shards named by `shards` are not all there"
+    try: return shard_urls(shards)
+    except (FileNotFoundError, ValueError) as e: raise ArgumentError(f"{flag}{shards}: {e}") from e
+
+def shard_dataloaders(data, valid, tokenizer, image_size:int, bs:int, samples_per_epoch:int=None, resampled:bool=False,
+                      seed:int=42, num_workers:int=None):
+    "`CaptionDataLoaders.from_shards` for the command: validation on `valid`, else on the last training shard (left out of training)"
+    urls = check_shards(data, 'data ')
+    if valid is None:
+        if len(urls) < 2: raise ArgumentError(f"data {data} is a single shard: give validation shards with --valid")
+        urls, valid = urls[:-1], urls[-1:]
+        if rank_distrib() == 0: print(f"Validating on the last shard, {valid[0]}, and training on the other {len(urls)}")
+    kwargs = {} if num_workers is None else {'num_workers': num_workers}
+    try: return CaptionDataLoaders.from_shards(urls, valid, tokenizer=tokenizer, image_size=image_size, bs=bs, seed=seed,
+                                              samples_per_epoch=samples_per_epoch, resampled=resampled, **kwargs)
+    except (ValueError, TypeError, FileNotFoundError) as e: raise ArgumentError(f"{data}: {e}") from e
+
 # %% ../nbs/08_cli.ipynb #d410aa91
 def configuration_names(config:dict) -> list:
     "The keys of `clip_configs` with the sizes of `config` (a `CLIP.config`), at any image size"
@@ -151,31 +176,30 @@ def checked_dataloaders(data, tokenizer, image_size:int, bs:int, descriptions=No
                         seed:int=42, num_workers:int=None):
     "`caption_dataloaders` for a command: the data module's errors, which name the bad file, row or class, as `ArgumentError`"
     kwargs = {} if num_workers is None else {'num_workers': num_workers}
+    if torch.cuda.is_available(): kwargs['pin_memory'] = True # page-locked batches: faster, asynchronous copies
     try: return caption_dataloaders(data, tokenizer, image_size, bs, descriptions, images, valid_pct, seed, **kwargs)
     except (ValueError, TypeError, FileNotFoundError) as e: raise ArgumentError(f"{data}: {e}") from e
 
-# %% ../nbs/08_cli.ipynb #8e88e08e
-def is_shards(data) -> bool:
-    "Whether the command's data names webdataset shards: a `.tar` path or brace pattern, a `pipe:` command or a `.txt` list of them"
-    return str(data).startswith('pipe:') or '.tar' in str(data) or str(data).endswith('.txt')
+# %% ../nbs/08_cli.ipynb #d9af9737
+_not_settings = ('save_every', 'resume', 'out', 'compile') # may differ between a run and its resumption
 
-def check_shards(shards, flag:str):
-    "`ArgumentError` naming `flag` when the shards named by `shards` are not all there"
-    try: return shard_urls(shards)
-    except (FileNotFoundError, ValueError) as e: raise ArgumentError(f"{flag}{shards}: {e}") from e
+def progress_settings(arguments:dict) -> dict:
+    "The arguments of `clip-fastai-train` that its resumption must repeat"
+    return {k: v for k, v in arguments.items() if k not in _not_settings}
 
-def shard_dataloaders(data, valid, tokenizer, image_size:int, bs:int, samples_per_epoch:int=None, resampled:bool=False,
-                      seed:int=42, num_workers:int=None):
-    "`CaptionDataLoaders.from_shards` for the command: validation on `valid`, else on the last training shard (left out of training)"
-    urls = check_shards(data, 'data ')
-    if valid is None:
-        if len(urls) < 2: raise ArgumentError(f"data {data} is a single shard: give validation shards with --valid")
-        urls, valid = urls[:-1], urls[-1:]
-        if rank_distrib() == 0: print(f"Validating on the last shard, {valid[0]}, and training on the other {len(urls)}")
-    kwargs = {} if num_workers is None else {'num_workers': num_workers}
-    try: return CaptionDataLoaders.from_shards(urls, valid, tokenizer=tokenizer, image_size=image_size, bs=bs, seed=seed,
-                                              samples_per_epoch=samples_per_epoch, resampled=resampled, **kwargs)
-    except (ValueError, TypeError, FileNotFoundError) as e: raise ArgumentError(f"{data}: {e}") from e
+def check_resume(out:Path, # The command's `--out`, absolute
+                 settings:dict, # `progress_settings` of the command's arguments
+                 save_every:int=None, # `--save-every`
+                 resume:bool=False) -> int: # `--resume`
+    "Steps between saves (when resuming, by default the saved run's); `ArgumentError` when there is nothing to resume or it differs"
+    if save_every is not None and save_every < 1: raise ArgumentError(f"--save-every must be at least 1, not {save_every}")
+    if not resume: return save_every
+    fn = progress_file(Path(out)/'progress')
+    if not fn.is_file(): raise ArgumentError(f"--resume: there is no progress file {fn} to resume from; a run saves one with --save-every N")
+    saved = torch.load(fn, map_location='cpu', weights_only=False) # our own file, with Python objects
+    if saved['settings'] != settings:
+        raise ArgumentError(f"--resume: {fn} was written with other arguments ({_differences(saved['settings'], settings)}): resume with the same ones")
+    return ifnone(save_every, saved['every'])
 
 # %% ../nbs/08_cli.ipynb #3445069e
 @call_parse(pos=['data'])
@@ -195,15 +219,18 @@ def clip_fastai_train(
     lr:float=3e-3, # Maximum learning rate of the one-cycle schedule
     precision:str='fp32', # fp32, fp16 or bf16 (mixed precision)
     grad_checkpointing:bool=False, # Recompute activations in backward to save memory
+    compile:bool=False, # Compile the model with `torch.compile` (the first batches take longer)
     loss:str='contrastive', # contrastive (CLIP's softmax loss) or siglip (SigLIP's sigmoid loss, with a learnt bias)
     patch_dropout:float=0., # Share of a ViT's patches dropped while training (FLIP), e.g. 0.5
     valid_pct:float=0.2, # Share of the data for validation when there is no validation set
     num_workers:int=None, # DataLoader worker processes (default: fastai's)
     seed:int=42, # Random seed of everything: split, weights, batches, captions drawn
+    save_every:int=None, # Save all training state in --out every N steps (progress.pth), for --resume
+    resume:bool=False, # Continue the interrupted run in --out from its last save; the other arguments must be the same
     out:str='clip_model', # Folder for model.pth, tokenizer.pkl and learner.pkl
 ):
     "Train a CLIP model with fastai and save it"
-    start = time.time()
+    arguments, start = dict(locals()), time.time()
     with argument_errors():
         if pretrained is None:
             model, image_size, context_length = ifnone(model, 'tiny-resnet'), ifnone(image_size, 32), ifnone(context_length, 77)
@@ -223,6 +250,7 @@ def clip_fastai_train(
             try: clip = CLIP.from_state_dict(clip, patch_dropout=patch_dropout)
             except ValueError as e: raise ArgumentError(f"--patch-dropout with --pretrained {pretrained}: {e}") from e
         out = Path(out).absolute() # `learn.path` is `out`: a relative one would be joined to itself
+        save_every = check_resume(out, progress_settings(arguments), save_every, resume)
         set_seed(seed, reproducible=True)
         dls = (shard_dataloaders(data, valid, tokenizer, image_size, bs, samples_per_epoch, resampled, seed, num_workers) if is_shards(data)
                else checked_dataloaders(data, tokenizer, image_size, bs, descriptions, images, valid_pct, seed, num_workers))
@@ -231,13 +259,16 @@ def clip_fastai_train(
     metrics = [RetrievalAtK(k, candidates=candidates) for k in (1, 5, 'median')]
     if clip is None: clip = build_model(model, image_size, tokenizer, loss=loss, patch_dropout=patch_dropout)
     clip.set_grad_checkpointing(grad_checkpointing)
-    learn = clip_learner(dls, clip, loss_func=loss, metrics=metrics, path=out, model_dir='.')
+    # samples/s, phase times, FLOP/s and (on a known GPU) MFU: columns of the log
+    learn = clip_learner(dls, clip, loss_func=loss, metrics=metrics, cbs=ThroughputCallback(), path=out, model_dir='.')
+    if compile: learn.compile()
     if precision == 'fp16': learn.to_fp16()
     elif precision == 'bf16': learn.to_bf16()
+    progress = SaveProgress(save_every, resume=resume, settings=progress_settings(arguments)) if save_every else None
     if num_distrib() > 1:
         learn.remove_cb(learn.clip_trainer).add_cb(DistributedCLIPTrainer(loss_func=loss))
-        with learn.distrib_ctx(): learn.fit_one_cycle(epochs, lr)  # on CPU: gloo, and no SyncBatchNorm
-    else: learn.fit_one_cycle(epochs, lr)
+        with learn.distrib_ctx(): learn.fit_one_cycle(epochs, lr, cbs=progress)  # on CPU: gloo, and no SyncBatchNorm
+    else: learn.fit_one_cycle(epochs, lr, cbs=progress)
     if rank_distrib() == 0:
         save_trained(learn, tokenizer, out)
         print(training_summary(learn, out, time.time() - start))

@@ -21,6 +21,7 @@ from fastai.optimizer import OptimWrapper, detuplify_pg, set_item_pg
 from fastai.learner import Learner
 from fastai.distributed import DistributedDL
 from .model import batchnorm_statistics_kept
+from .resume import rng_states, set_rng_states
 from .train import CLIPLearner, CLIPTrainer, clip_optimizer, match_targets, ContrastiveLoss, contrastive_loss, match_ids_of, named_loss, no_weight_decay_params, unwrap_model
 
 # %% ../nbs/05_distributed.ipynb #1cf22e86
@@ -242,18 +243,6 @@ def sharded_clip_optimizer(model): # The `CLIP` model, to find its parameters wi
     "`opt_func` for a `Learner`: the paper's AdamW settings (as `clip_optimizer`), its state sharded over the processes"
     return partial(ShardedOptimizer, opt=torch.optim.AdamW, no_decay=no_weight_decay_params(model),
                    **_torch_adamw_settings(clip_optimizer.keywords))
-
-# %% ../nbs/05_distributed.ipynb #9733bed0
-def rng_states():
-    "The states of torch's CPU generator and, once CUDA is in use, of the CUDA generators"
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-def set_rng_states(states):
-    "Restore the generator states from `rng_states`"
-    cpu, cuda = states
-    torch.set_rng_state(cpu)
-    if cuda is not None: torch.cuda.set_rng_state_all(cuda)
 
 # %% ../nbs/05_distributed.ipynb #83ecbb16
 def _autocast_now(device_type):

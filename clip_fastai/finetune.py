@@ -31,7 +31,7 @@ class FLYPLoss:
 
     def __call__(self, pred, # The model's (image features, text features, logit scale)
                  class_index): # The target: each image's class index
-        image_features, text_features, logit_scale = pred
+        image_features, text_features, logit_scale = pred[:3]  # a SigLIP model's bias comes fourth
         class_index = class_index.as_subclass(torch.Tensor).long()
         loss = self.contrastive_weight * contrastive_loss(image_features, text_features, logit_scale, class_index)
         if not self.classification_weight: return loss

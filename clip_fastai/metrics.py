@@ -152,7 +152,7 @@ def embed_dataloader(model, # A `CLIP` model
     image_features, text_features, token_ids, match_ids = [], [], [], []
     with evaluation_mode(model):
         for images, texts, *targets in dl:
-            image, text, _ = model(images.as_subclass(Tensor), texts.as_subclass(Tensor))  # as fastai's `CastToTensor` does
+            image, text = model(images.as_subclass(Tensor), texts.as_subclass(Tensor))[:2]  # as fastai's `CastToTensor` does
             image_features.append(image.float().cpu()); text_features.append(text.float().cpu()); token_ids.append(texts.cpu())
             ids = match_ids_of(targets)
             match_ids.append(None if ids is None else ids.cpu().reshape(-1))

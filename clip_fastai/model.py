@@ -552,13 +552,32 @@ def load_clip_state_dict(model, # A `CLIP` (or any module) to load into
     model.load_state_dict({k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in sd.items()}, strict=True)
     return model
 
+# %% ../nbs/01_model.ipynb #36ed5cd0
+_renamed_arguments = {'image_resolution': 'image_size', 'checkpoint': 'grad_checkpointing',
+                      'checkpoint_nchunks': 'grad_checkpointing_chunks'}  # of checkpoints saved before issue #14
+
+def check_config_keys(config:dict, # `CLIP` arguments
+                      saved:bool=True) -> dict: # Read from a file (renamed arguments are read, with a warning), or given now (an error)
+    "`config` with the arguments renamed since it was saved under their new names; a `ValueError` naming any other unknown key"
+    renamed = {k: _renamed_arguments[k] for k in config if k in _renamed_arguments}
+    if renamed and not saved:
+        raise ValueError(f"Renamed CLIP argument(s): {', '.join(f'{k!r} is now {v!r}' for k, v in renamed.items())}")
+    if renamed: warnings.warn(f"The checkpoint's configuration uses old argument names ({', '.join(f'{k} → {v}' for k, v in renamed.items())}): "
+                              "read under the new names; save it again to update the file", UserWarning, stacklevel=3)
+    config = {_renamed_arguments.get(k, k): v for k, v in config.items()}
+    accepted = list(inspect.signature(CLIP.__init__).parameters)[1:]
+    unknown = [k for k in config if k not in accepted]
+    if unknown: raise ValueError(f"The configuration has argument(s) CLIP does not take: {', '.join(map(repr, unknown))}. "
+                                 f"CLIP takes {', '.join(accepted)}")
+    return config
+
 # %% ../nbs/01_model.ipynb #d966109a
 @patch(cls_method=True)
 def from_state_dict(cls:CLIP, source, # A state dict, `{'config', 'state_dict'}`, a module, or a file path (see above)
                      **kwargs): # `CLIP` arguments over those recorded or inferred (e.g. `activation`, `grad_checkpointing`)
     "A `CLIP` with the configuration `source` records (the rest read off its weights), and its weights"
     state_dict, recorded = read_clip_checkpoint(source)
-    config = {**recorded, **kwargs}
+    config = {**check_config_keys(recorded), **check_config_keys(kwargs, saved=False)}
     if not all(k in config for k in clip_architecture_keys):
         config = {**infer_clip_config(state_dict, config.get('transformer_heads'), config.get('vision_heads')), **config}
     if 'activation' not in config:
@@ -610,6 +629,11 @@ def infer_clip_config(state_dict, # A CLIP state dict with OpenAI's key names
         vision_layers, image_size = tuple(count(f'visual.layer{i}.') for i in (1, 2, 3, 4)), 32 * grid
         vision_width, vision_patch_size = sd['visual.layer1.0.conv1.weight'].shape[0], None
     transformer_width = sd['ln_final.weight'].shape[0]
+    blocks = {'text tower (transformer.resblocks.*)': count('transformer.resblocks.')}
+    blocks |= ({'ViT (visual.transformer.resblocks.*)': vision_layers} if vit else
+               {f'ResNet stage {i + 1} (visual.layer{i + 1}.*)': n for i, n in enumerate(vision_layers)})
+    empty = [name for name, n in blocks.items() if n == 0]
+    if empty: raise ValueError(f"This {kind} state dict has no residual blocks in its {', '.join(empty)}")
     if vision_heads is None: vision_heads = heads_of_width(vision_width * (1 if vit else 32), 'vision_heads',
                                                             'ViT' if vit else "ResNet's attention pool")
     if transformer_heads is None: transformer_heads = heads_of_width(transformer_width, 'transformer_heads', 'text tower')

@@ -7,7 +7,7 @@ __all__ = ['clip_losses', 'clip_optimizer', 'contrastive_loss', 'ContrastiveLoss
            'no_weight_decay_params', 'projection_params', 'clip_splitter', 'CLIPTrainer', 'CLIPLearner', 'clip_learner']
 
 # %% ../nbs/03_train.ipynb #0ce74ce8
-import math, warnings
+import math, sys, warnings
 from functools import partial
 import torch, torch.nn.functional as F
 from torch import nn
@@ -132,6 +132,13 @@ def _log_model_graph(cb, learn):
     with torch.no_grad(): cb.writer.add_graph(model, (images, tokens))
     model.load_state_dict(state)
 
+def mark_batch_dynamic(xb:tuple):
+    "Tell `torch.compile` that the first dimension of the tensors in `xb` varies, so one graph serves every batch size"
+    dynamo = sys.modules.get('torch._dynamo')  # imported by `torch.compile`; without it nothing is compiled
+    if dynamo is None: return  # (and importing it would cost seconds)
+    for x in xb:
+        if isinstance(x, torch.Tensor) and x.ndim: dynamo.maybe_mark_dynamic(x, 0)
+
 # %% ../nbs/03_train.ipynb #63890670
 class CLIPTrainer(Callback):
     "Train a CLIP model with the symmetric contrastive loss and a learnable, clamped temperature"
@@ -155,6 +162,7 @@ class CLIPTrainer(Callback):
     def before_validate(self): self.learn.loss_func = self.loss_func
     def before_batch(self):
         self.match_id_targets = [isinstance(y, TensorMatchId) for y in self.yb]
+        if not self.training: mark_batch_dynamic(self.xb)  # a compiled model: one graph for every validation batch size
         self.one_side = len(self.xb) == 1
         if self.one_side: self.both_sides, self.learn.model = self.learn.model, self.forward_one_side
         elif self.training and len(self.xb[0]) < 2:
