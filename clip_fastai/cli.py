@@ -103,7 +103,8 @@ def check_arguments(data=None, descriptions=None, images=None, model='tiny-resne
         if path.is_dir() and descriptions is None:
             raise ArgumentError(f"{data} is a folder of class folders: it needs --descriptions, a YAML file of class: description(s)")
         if not path.is_dir() and path.suffix not in ('.csv', '.json'):
-            raise ArgumentError(f"don't know how to read {data}; give a .csv, a COCO .json or a folder of class folders")
+            raise ArgumentError(f"don't know how to read {data}; give a .csv, a COCO .json, a folder of class folders "
+                                f"or webdataset shards (.tar files, a brace pattern, pipe: commands or a .txt list)")
     if descriptions is not None and (data is None or not Path(data).is_dir()):
         raise ArgumentError("--descriptions is for a folder of class folders as data")
     if descriptions is not None and not Path(descriptions).is_file(): raise ArgumentError(f"--descriptions {descriptions} is not a file")
