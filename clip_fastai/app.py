@@ -21,7 +21,8 @@ import clip_fastai.pretrained # `CLIP.from_pretrained`
 from .data import CLIP_MEAN, CLIP_STD, UnreadableImageError
 from .train import unwrap_model
 from .zeroshot import zero_shot_predict, class_embeddings, preprocess_image, evaluation_mode, default_templates
-from .cli import ArgumentError, argument_errors
+from .cli import ArgumentError, argument_errors, is_shards
+from .shards import shard_urls, _tar_samples
 
 # %% ../nbs/09_app.ipynb #b03f1505
 imagenet_templates = [
@@ -218,6 +219,29 @@ def from_csv(cls:ImageIndex, model, tokenizer, csv, # A CSV file with a column o
     "An `ImageIndex` of the images of a CSV file's `image_col`, each once"
     return cls.from_df(model, tokenizer, pd.read_csv(csv), image_col, Path(csv).parent, **kwargs)
 
+# %% ../nbs/09_app.ipynb #c09s0002
+_shard_image_exts = ('jpg', 'jpeg', 'png', 'webp')
+
+@patch(cls_method=True)
+def from_shards(cls:ImageIndex, model, # A `CLIP` model
+                tokenizer, # Its `ClipTokenizer`
+                shards, # A brace pattern, a list of shard paths or `pipe:` commands, or a `.txt` file of them
+                folder, # Where the shards' images are written, one file each, to be shown
+                **kwargs): # `ImageIndex` arguments: `cache`, `bs`, `show_progress`
+    "An `ImageIndex` of the images in webdataset shards, written out once into `folder`"
+    files = []
+    for url in shard_urls(shards):
+        out = Path(folder)/Path(url.split()[-1] if url.startswith('pipe:') else url).stem
+        for sample in _tar_samples(url):
+            ext = next((e for e in _shard_image_exts if e in sample), None)
+            if ext is None: continue  # no image: nothing to show (the index warns about unreadable images only)
+            fn = out/f"{sample['__key__']}.{ext}"
+            if not fn.is_file() or fn.stat().st_size != len(sample[ext]):
+                fn.parent.mkdir(parents=True, exist_ok=True); fn.write_bytes(sample[ext])
+            files.append(fn)
+    if not files: raise ValueError(f"The shards {shards!r} hold no {'/'.join(_shard_image_exts)} images")
+    return cls(model, tokenizer, files, **kwargs)
+
 # %% ../nbs/09_app.ipynb #0744a445
 def load_trained(source, # A folder `clip-fastai-train` wrote, its model.pth, or weights `CLIP.from_pretrained` reads
                 ) -> tuple:
@@ -320,11 +344,15 @@ def app_inputs(model=None, images=None, port:int=7860, templates:str='imagenet',
     if not 0 < port < 65536: raise ArgumentError(f"--port must be from 1 to 65535, not {port}")
     for name, value in dict(k=k, bs=bs).items():
         if value < 1: raise ArgumentError(f"--{name} must be at least 1, not {value}")
-    if images is not None and not Path(images).is_dir(): raise ArgumentError(f"--images {images} is not a folder")
+    shards = images is not None and is_shards(images)
+    if images is not None and not shards and not Path(images).is_dir():
+        raise ArgumentError(f"--images {images} is not a folder (nor webdataset shards: .tar files, a brace pattern, pipe: or a .txt list)")
     try: clip, tokenizer = load_trained(model)
     except (ValueError, OSError) as e: raise ArgumentError(f"MODEL {e}") from e
     if images is None: return clip, tokenizer, None
-    try: index = ImageIndex.from_folder(clip, tokenizer, images, cache=ifnone(cache, default_cache(images)), bs=bs)
+    cache = ifnone(cache, default_cache(images))
+    try: index = (ImageIndex.from_shards(clip, tokenizer, images, Path(cache).with_suffix('.images'), cache=cache, bs=bs) if shards
+                  else ImageIndex.from_folder(clip, tokenizer, images, cache=cache, bs=bs))
     except (ValueError, OSError) as e: raise ArgumentError(f"--images {e}") from e
     return clip, tokenizer, index
 
@@ -332,7 +360,7 @@ def app_inputs(model=None, images=None, port:int=7860, templates:str='imagenet',
 @call_parse(pos=['model'])
 def clip_fastai_app(
     model:str=None, # A folder clip-fastai-train wrote, its model.pth, or OpenAI, open_clip or Hugging Face weights
-    images:str=None, # Folder of images to search by text (sub-folders included)
+    images:str=None, # Folder of images to search by text (sub-folders included), or webdataset shards of them
     port:int=7860, # Port to serve on
     host:str='127.0.0.1', # Address to serve on (0.0.0.0: every network interface)
     templates:str='imagenet', # Prompt templates for the labels: imagenet (OpenAI's 80), default (16), none (labels as written)
@@ -346,4 +374,4 @@ def clip_fastai_app(
     page = gradio_app(clip, tokenizer, index, app_templates[templates], k)
     # the system's fonts: the default theme's are fetched from the internet, which a page served offline cannot reach
     theme = gr.themes.Default(font=['ui-sans-serif', 'system-ui', 'sans-serif'], font_mono=['ui-monospace', 'monospace'])
-    page.launch(server_name=host, server_port=port, allowed_paths=[str(Path(images).absolute())] if images else None, theme=theme)
+    page.launch(server_name=host, server_port=port, allowed_paths=[os.path.commonpath([str(Path(f).absolute().parent) for f in index.files])] if index else None, theme=theme)
