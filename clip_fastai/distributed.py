@@ -210,28 +210,33 @@ class ShardedOptimizer(OptimWrapper):
         opt = partial(ZeroRedundancyOptimizer, optimizer_class=opt) if self.sharded else opt
         super().__init__(opt=opt(torch_groups, **kwargs))
 
-    # fastai sees one group per splitter group; the torch groups of each pair share all hyper-parameters but weight decay
-    @property
-    def param_lists(self):
-        return [[p for i in indices for p in self.opt.param_groups[i]['params']] for indices in self.torch_group_indices]
-    @property
-    def hypers(self):
-        return [{self.fwd_map.get(k, k): v for k, v in detuplify_pg(self.opt.param_groups[indices[0]]).items() if k != 'params'}
-                for indices in self.torch_group_indices]
-    def _set_hyper(self, k, v):
-        for indices, v_ in zip(self.torch_group_indices, v):
-            for i in indices:
-                if k == 'wd' and i in self.no_decay_groups: continue
-                set_item_pg(self.opt.param_groups[i], self.bwd_map[k], v_)
+# %% ../nbs/05_distributed.ipynb #ec08d99b
+@patch(as_prop=True)
+def param_lists(self:ShardedOptimizer):
+    return [[p for i in indices for p in self.opt.param_groups[i]['params']] for indices in self.torch_group_indices]
 
-    @property
-    def local_state(self):
-        "The optimizer state this process holds"
-        return self.opt.optim.state if self.sharded else self.opt.state
+@patch(as_prop=True)
+def hypers(self:ShardedOptimizer):
+    return [{self.fwd_map.get(k, k): v for k, v in detuplify_pg(self.opt.param_groups[indices[0]]).items() if k != 'params'}
+            for indices in self.torch_group_indices]
 
-    def consolidate_state_dict(self, to:int=0): # Process that collects the state
-        "Collect the whole optimizer state on process `to`, so that `state_dict` works there; every process must call it"
-        if self.sharded: self.opt.consolidate_state_dict(to)
+@patch
+def _set_hyper(self:ShardedOptimizer, k, v):
+    for indices, v_ in zip(self.torch_group_indices, v):
+        for i in indices:
+            if k == 'wd' and i in self.no_decay_groups: continue
+            set_item_pg(self.opt.param_groups[i], self.bwd_map[k], v_)
+
+# %% ../nbs/05_distributed.ipynb #2e9bcd27
+@patch(as_prop=True)
+def local_state(self:ShardedOptimizer):
+    "The optimizer state this process holds"
+    return self.opt.optim.state if self.sharded else self.opt.state
+
+@patch
+def consolidate_state_dict(self:ShardedOptimizer, to:int=0): # Process that collects the state
+    "Collect the whole optimizer state on process `to`, so that `state_dict` works there; every process must call it"
+    if self.sharded: self.opt.consolidate_state_dict(to)
 
 # %% ../nbs/05_distributed.ipynb #6d497658
 def _torch_adamw_settings(fastai_settings:dict) -> dict:
@@ -245,10 +250,6 @@ def sharded_clip_optimizer(model): # The `CLIP` model, to find its parameters wi
                    **_torch_adamw_settings(clip_optimizer.keywords))
 
 # %% ../nbs/05_distributed.ipynb #83ecbb16
-def _autocast_now(device_type):
-    "An autocast context equal to the one active now on `device_type`"
-    return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), enabled=torch.is_autocast_enabled(device_type))
-
 class ContrastiveAccumulation(Callback):
     "Train on each batch as one contrastive batch computed `micro_bs` rows at a time: features without gradients, then each micro-batch with the features' gradients"
     order,run_valid = MixedPrecision.order+2,False  # inside `MixedPrecision`'s autocast; after `DistributedTrainer` wraps the model
@@ -275,18 +276,24 @@ class ContrastiveAccumulation(Callback):
             return self.cached
         finally: self.learn.model = self.model_with_grad
 
-    def after_backward(self):
-        "Step 3: each micro-batch again, with gradients, back-propagating the loss's gradients of its features"
-        grads = [c.grad for c in self.cached]
-        sizes = [len(micro_xb[0]) for micro_xb in self.micro_xbs]
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        model = self.model_with_grad
-        for i, (micro_xb, state, start, size) in enumerate(zip(self.micro_xbs, self.start_states, starts, sizes)):
-            set_rng_states(state)
-            last = i == len(sizes) - 1
-            with (model.no_sync() if hasattr(model, 'no_sync') and not last else nullcontext()):  # DDP: synchronise once
-                with self.autocast, batchnorm_statistics_kept(unwrap_model(model)): outputs = model(*micro_xb)
-                pairs = [(o, g[start:start + size] if o.ndim else g / len(sizes)) for o, g in zip(outputs, grads) if g is not None]
-                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        set_rng_states(self.end_state)
-        self.micro_xbs = self.cached = self.start_states = None
+# %% ../nbs/05_distributed.ipynb #1b338a78
+def _autocast_now(device_type):
+    "An autocast context equal to the one active now on `device_type`"
+    return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), enabled=torch.is_autocast_enabled(device_type))
+
+@patch
+def after_backward(self:ContrastiveAccumulation):
+    "Step 3: each micro-batch again, with gradients, back-propagating the loss's gradients of its features"
+    grads = [c.grad for c in self.cached]
+    sizes = [len(micro_xb[0]) for micro_xb in self.micro_xbs]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    model = self.model_with_grad
+    for i, (micro_xb, state, start, size) in enumerate(zip(self.micro_xbs, self.start_states, starts, sizes)):
+        set_rng_states(state)
+        last = i == len(sizes) - 1
+        with (model.no_sync() if hasattr(model, 'no_sync') and not last else nullcontext()):  # DDP: synchronise once
+            with self.autocast, batchnorm_statistics_kept(unwrap_model(model)): outputs = model(*micro_xb)
+            pairs = [(o, g[start:start + size] if o.ndim else g / len(sizes)) for o, g in zip(outputs, grads) if g is not None]
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+    set_rng_states(self.end_state)
+    self.micro_xbs = self.cached = self.start_states = None

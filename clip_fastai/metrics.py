@@ -19,6 +19,50 @@ from fastai.vision.data import get_grid
 from .data import CaptionDL, TensorMatchId, caption_tokenizer
 from .train import match_ids_of, CLIPLearner
 
+# %% ../nbs/04_metrics.ipynb #5ffc3e08
+def dense_match_ids(match_ids, # [N] match ids, any integers; `None`: every row its own id
+                    n:int, # Number of rows
+                    device=None) -> Tensor: # [N] ids 0, 1, …, G-1, equal where the match ids are equal
+    "`match_ids` renumbered 0, 1, … in sorted order, so that they index tables of one entry per id"
+    if match_ids is None: ids = torch.arange(n, device=device)
+    else: ids = torch.unique(torch.as_tensor(match_ids, device=device).as_subclass(Tensor).reshape(-1),
+                             return_inverse=True)[1]
+    if len(ids) != n: raise ValueError(f"{len(ids)} match ids for {n} rows")
+    return ids
+
+def id_groups(ids:Tensor) -> tuple: # [N] ids 0, 1, …, G-1, from `dense_match_ids`
+    "The rows of each id, as (sizes [G], starts [G], rows [N]): the rows of id g are `rows[starts[g]:][:sizes[g]]`"
+    id_sizes = torch.bincount(ids)
+    return id_sizes, id_sizes.cumsum(0) - id_sizes, torch.argsort(ids, stable=True)
+
+# %% ../nbs/04_metrics.ipynb #53f9f02c
+def chunk_ranks(scores:Tensor, # [chunk, N] scores of a chunk of queries against all N candidates; overwritten
+                query_ids:Tensor, # [chunk] ids of the queries, from `dense_match_ids`
+                ids:Tensor, # [N] ids of the candidates
+                groups:tuple, # `id_groups(ids)`
+                candidates:str='rows', # count wrong 'rows' scoring at least the best correct one, or wrong match 'ids'
+                per_id_buffer:Tensor=None)->Tensor: # [chunk, G] reused by every chunk with `candidates='ids'`
+    "[chunk] rank of each query's best correct candidate; ties count against the query, non-finite scores rank worst"
+    id_sizes, id_starts, rows_by_id = groups
+    scores.nan_to_num_(nan=-math.inf, posinf=-math.inf, neginf=-math.inf) # non-finite scores rank worst
+    sizes = id_sizes[query_ids, None] # [chunk, 1]
+    slots = torch.arange(int(sizes.max()), device=ids.device) # [width]
+    # each query's correct rows, padded by repeating its last one (harmless for a maximum): [chunk, width]
+    correct_rows = rows_by_id[id_starts[query_ids, None] + torch.minimum(slots, sizes - 1)]
+    correct_scores = scores.gather(1, correct_rows)
+    best = correct_scores.amax(1, keepdim=True) # [chunk, 1]
+    # in place and as 1.0/0.0: on CPU, summing floats is several times faster than summing bools
+    at_least_best = scores.ge_(best)
+    if candidates == 'rows':
+        # every correct row scoring >= best scores exactly best; the query's own best one stays in the count as the "1 +"
+        correct_at_best = ((correct_scores == best) & (slots < sizes)).sum(1)
+        # float sums count exactly below 2**24 rows
+        counts = at_least_best.sum(1, dtype=torch.float64 if scores.shape[1] >= 2**24 else None).long()
+        return counts - correct_at_best + 1
+    if per_id_buffer is None: per_id_buffer = scores.new_empty(len(scores), len(id_sizes))
+    rows_per_id = per_id_buffer[:len(query_ids)].zero_().index_add_(1, ids, at_least_best) # [chunk, ids]
+    return (rows_per_id > 0).sum(1) # the correct id is among them: that is the "1 +"
+
 # %% ../nbs/04_metrics.ipynb #faa87c1f
 @torch.no_grad()
 def retrieval_ranks(
@@ -38,38 +82,16 @@ def retrieval_ranks(
     # half precision could not even count past 2048
     dtype = torch.promote_types(queries.dtype, torch.float32)
     queries, keys, n = queries.to(dtype), keys.to(dtype), len(queries)
-    if match_ids is None: ids = torch.arange(n, device=queries.device)
-    else: ids = torch.unique(torch.as_tensor(match_ids, device=queries.device).as_subclass(Tensor).reshape(-1),
-                             return_inverse=True)[1]
-    if len(ids) != n: raise ValueError(f"{len(ids)} match ids for {n} rows")
-    id_sizes = torch.bincount(ids)
-    id_starts = id_sizes.cumsum(0) - id_sizes
-    rows_by_id = torch.argsort(ids, stable=True) # the rows of id g are rows_by_id[id_starts[g]:][:id_sizes[g]]
+    ids = dense_match_ids(match_ids, n, queries.device)
+    groups = id_groups(ids)
     # reused by every chunk: a fresh 400 MB per chunk costs the OS almost as much time as the matmul
     scores_buffer = queries.new_empty(min(chunk_size, n), n)
-    if candidates == 'ids': per_id_buffer = queries.new_empty(min(chunk_size, n), len(id_sizes))
+    per_id_buffer = queries.new_empty(min(chunk_size, n), len(groups[0])) if candidates == 'ids' else None
     ranks = []
     for start in range(0, n, chunk_size):
         query_ids = ids[start:start+chunk_size]
         scores = torch.mm(queries[start:start+chunk_size], keys.T, out=scores_buffer[:len(query_ids)]) # [chunk, N]
-        scores.nan_to_num_(nan=-math.inf, posinf=-math.inf, neginf=-math.inf) # non-finite scores rank worst
-        sizes = id_sizes[query_ids, None] # [chunk, 1]
-        slots = torch.arange(int(sizes.max()), device=ids.device) # [width]
-        # each query's correct rows, padded by repeating its last one (harmless for a maximum): [chunk, width]
-        correct_rows = rows_by_id[id_starts[query_ids, None] + torch.minimum(slots, sizes - 1)]
-        correct_scores = scores.gather(1, correct_rows)
-        best = correct_scores.amax(1, keepdim=True) # [chunk, 1]
-        # in place and as 1.0/0.0: on CPU, summing floats is several times faster than summing bools
-        at_least_best = scores.ge_(best)
-        if candidates == 'rows':
-            # every correct row scoring >= best scores exactly best; the query's own best one stays in the count as the "1 +"
-            correct_at_best = ((correct_scores == best) & (slots < sizes)).sum(1)
-            # float sums count exactly below 2**24 rows
-            counts = at_least_best.sum(1, dtype=torch.float64 if n >= 2**24 else None).long()
-            ranks.append(counts - correct_at_best + 1)
-        else:
-            rows_per_id = per_id_buffer[:len(query_ids)].zero_().index_add_(1, ids, at_least_best) # [chunk, ids]
-            ranks.append((rows_per_id > 0).sum(1)) # the correct id is among them: that is the "1 +"
+        ranks.append(chunk_ranks(scores, query_ids, ids, groups, candidates, per_id_buffer))
     return torch.cat(ranks)
 
 # %% ../nbs/04_metrics.ipynb #8cc0f336
@@ -97,27 +119,28 @@ class RetrievalAtK(Metric):
         self.match_ids.append(None if match_ids is None else learn.to_detach(match_ids).reshape(-1))
 
     @property
-    def ranks(self):
-        "Rank of every query of the accumulated validation set"
-        if not self.image_features: return None
-        with_ids = [ids is not None for ids in self.match_ids]
-        if any(with_ids) and not all(with_ids): raise ValueError("some validation batches have match ids, others do not")
-        return retrieval_ranks(torch.cat(self.image_features), torch.cat(self.text_features),
-                               torch.cat(self.match_ids) if all(with_ids) else None,
-                               self.direction, self.candidates, self.chunk_size)
-
-    @property
-    def n_candidates(self):
-        "Number of candidates each query is ranked among: rows, or distinct match ids with `candidates='ids'`"
-        if not self.image_features: return None
-        n = sum(len(f) for f in self.image_features)
-        if self.candidates == 'rows' or self.match_ids[0] is None: return n
-        return len(torch.cat(self.match_ids).unique())
-
-    @property
     def name(self):
         measure = f'R@{self.k}' if isinstance(self.k, int) else f'{self.k}_rank'
         return f"{self.direction}_{measure}" + ('_by_id' if self.candidates == 'ids' else '')
+
+# %% ../nbs/04_metrics.ipynb #f0023966
+@patch(as_prop=True)
+def ranks(self:RetrievalAtK):
+    "Rank of every query of the accumulated validation set"
+    if not self.image_features: return None
+    with_ids = [ids is not None for ids in self.match_ids]
+    if any(with_ids) and not all(with_ids): raise ValueError("some validation batches have match ids, others do not")
+    return retrieval_ranks(torch.cat(self.image_features), torch.cat(self.text_features),
+                           torch.cat(self.match_ids) if all(with_ids) else None,
+                           self.direction, self.candidates, self.chunk_size)
+
+@patch(as_prop=True)
+def n_candidates(self:RetrievalAtK):
+    "Number of candidates each query is ranked among: rows, or distinct match ids with `candidates='ids'`"
+    if not self.image_features: return None
+    n = sum(len(f) for f in self.image_features)
+    if self.candidates == 'rows' or self.match_ids[0] is None: return n
+    return len(torch.cat(self.match_ids).unique())
 
 # %% ../nbs/04_metrics.ipynb #c04p0002
 @patch(as_prop=True)

@@ -309,19 +309,46 @@ class ModifiedResNet(GradCheckpointing, nn.Module):
         self.attnpool = AttentionPool2d(image_size // 32, width * 32, heads, output_dim)
         self.set_grad_checkpointing(grad_checkpointing, grad_checkpointing_chunks)
 
-    def stem(self, x): # [batch, 3, image_size, image_size]
-        x = self.relu1(self.bn1(self.conv1(x)))
-        x = self.relu2(self.bn2(self.conv2(x)))
-        x = self.relu3(self.bn3(self.conv3(x)))
-        return self.avgpool(x)  # [batch, width, image_size / 4, image_size / 4]
+# %% ../nbs/01_model.ipynb #c1ccc646
+@patch
+def stem(self:ModifiedResNet, x): # [batch, 3, image_size, image_size]
+    x = self.relu1(self.bn1(self.conv1(x)))
+    x = self.relu2(self.bn2(self.conv2(x)))
+    x = self.relu3(self.bn3(self.conv3(x)))
+    return self.avgpool(x)  # [batch, width, image_size / 4, image_size / 4]
 
-    def forward(self, x): # [batch, 3, image_size, image_size]
-        # channels-last (NHWC) memory layout: the faster convolution kernels on CPU and with mixed precision on GPU
-        x = x.to(self.conv1.weight.dtype, memory_format=torch.channels_last)
-        blocks = [self.stem, *self.layer1, *self.layer2, *self.layer3, *self.layer4]
-        x = run_blocks(blocks, x, self.checkpointing_now, self.grad_checkpointing_chunks,
-                       recompute_context=lambda: batchnorm_statistics_kept(self))  # [batch, width * 32, grid, grid]
-        return self.attnpool(x)
+# %% ../nbs/01_model.ipynb #121fbf09
+@patch
+def forward(self:ModifiedResNet, x): # [batch, 3, image_size, image_size]
+    # channels-last (NHWC) memory layout: the faster convolution kernels on CPU and with mixed precision on GPU
+    x = x.to(self.conv1.weight.dtype, memory_format=torch.channels_last)
+    blocks = [self.stem, *self.layer1, *self.layer2, *self.layer3, *self.layer4]
+    x = run_blocks(blocks, x, self.checkpointing_now, self.grad_checkpointing_chunks,
+                   recompute_context=lambda: batchnorm_statistics_kept(self))  # [batch, width * 32, grid, grid]
+    return self.attnpool(x)
+
+# %% ../nbs/01_model.ipynb #5e86523d
+def image_tower(config:dict): # A `CLIP.config`: the vision sizes, `vision_heads`, `activation` and any `patch_dropout`
+    "The image tower `config` describes: a `ModifiedResNet` for a tuple of `vision_layers`, else a `VisionTransformer`"
+    c, patch_dropout = config, config.get('patch_dropout', 0.)
+    if isinstance(c['vision_layers'], (tuple, list)):
+        if patch_dropout: raise ValueError(f"patch_dropout={patch_dropout} needs a ViT image tower, not a ResNet")
+        return ModifiedResNet(layers=tuple(c['vision_layers']), output_dim=c['embed_dim'], heads=c['vision_heads'],
+                              image_size=c['image_size'], width=c['vision_width'])
+    return VisionTransformer(image_size=c['image_size'], patch_size=c['vision_patch_size'], width=c['vision_width'],
+                             layers=c['vision_layers'], heads=c['vision_heads'], output_dim=c['embed_dim'],
+                             activation=c['activation'], patch_dropout=patch_dropout)
+
+# %% ../nbs/01_model.ipynb #8c7fe9b3
+def text_tower(config:dict) -> dict: # A `CLIP.config`: the text sizes, `embed_dim` and `activation`
+    "The text tower's parts `config` describes, by OpenAI's names: transformer, embeddings, final norm, projection"
+    c, width = config, config['transformer_width']
+    return dict(transformer=Transformer(width=width, layers=c['transformer_layers'], heads=c['transformer_heads'],
+                                        causal=True, activation=c['activation']),
+                token_embedding=nn.Embedding(c['vocab_size'], width),
+                positional_embedding=nn.Parameter(torch.empty(c['context_length'], width)),
+                ln_final=LayerNorm(width),
+                text_projection=nn.Parameter(torch.empty(width, c['embed_dim'])))
 
 # %% ../nbs/01_model.ipynb #df6abc62
 class CLIP(nn.Module):
@@ -349,8 +376,7 @@ class CLIP(nn.Module):
                  patch_dropout:float=0.): # Share of the ViT's patch tokens dropped while training (FLIP)
         super().__init__()
         self.context_length, self.vocab_size = context_length, vocab_size
-        resnet = isinstance(vision_layers, (tuple, list))
-        if resnet: vision_layers = tuple(vision_layers)
+        if resnet := isinstance(vision_layers, (tuple, list)): vision_layers = tuple(vision_layers)
         if vision_heads is None: vision_heads = (vision_width * 32 if resnet else vision_width) // 64  # OpenAI's rule
         self.config = dict(embed_dim=embed_dim, image_size=image_size, vision_layers=vision_layers,
             vision_width=vision_width, vision_patch_size=vision_patch_size, context_length=context_length,
@@ -358,20 +384,8 @@ class CLIP(nn.Module):
             transformer_layers=transformer_layers, vision_heads=vision_heads, activation=activation)
         if init_logit_bias is not None: self.config['init_logit_bias'] = init_logit_bias  # the bias is a parameter
         if patch_dropout: self.config['patch_dropout'] = patch_dropout
-        if patch_dropout and resnet: raise ValueError(f"patch_dropout={patch_dropout} needs a ViT image tower, not a ResNet")
-        if resnet:
-            self.visual = ModifiedResNet(layers=vision_layers, output_dim=embed_dim, heads=vision_heads,
-                                         image_size=image_size, width=vision_width)
-        else:
-            self.visual = VisionTransformer(image_size=image_size, patch_size=vision_patch_size,
-                                            width=vision_width, layers=vision_layers, heads=vision_heads,
-                                            output_dim=embed_dim, activation=activation, patch_dropout=patch_dropout)
-        self.transformer = Transformer(width=transformer_width, layers=transformer_layers, heads=transformer_heads,
-                                       causal=True, activation=activation)
-        self.token_embedding = nn.Embedding(vocab_size, transformer_width)
-        self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
-        self.ln_final = LayerNorm(transformer_width)
-        self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
+        self.visual = image_tower(self.config)
+        for name, part in text_tower(self.config).items(): setattr(self, name, part)  # top-level, as OpenAI's keys are
         self.logit_scale = nn.Parameter(torch.ones([]) * init_logit_scale)
         if init_logit_bias is not None: self.logit_bias = nn.Parameter(torch.ones([]) * init_logit_bias)
         self.initialize_parameters()
@@ -588,13 +602,14 @@ def from_state_dict(cls:CLIP, source, # A state dict, `{'config', 'state_dict'}`
     if 'logit_bias' in state_dict and config.get('init_logit_bias') is None: config['init_logit_bias'] = float(state_dict['logit_bias'])
     return load_clip_state_dict(cls(**config), state_dict)
 
-# %% ../nbs/01_model.ipynb #b423b4dc
+# %% ../nbs/01_model.ipynb #6bc46484
 def heads_of_width(width:int, argument:str, tower:str):
     "Attention heads of 64 channels (OpenAI's rule), or an error if `width` does not tell them"
     if width % 64 == 0: return width // 64
     raise ValueError(f"The {tower} has width {width}, not a multiple of 64, so its attention heads cannot be read from "
                      f"the weights: pass {argument}=, or save the model as {{'config': model.config, 'state_dict': ...}}")
 
+# %% ../nbs/01_model.ipynb #c0eba700
 def image_tower_kind(state_dict): # A CLIP state dict with OpenAI's key names
     "'ViT' or 'ResNet', from the keys of `state_dict`; an error that says what it found when neither"
     vit = 'visual.conv1.weight' in state_dict and any(k.startswith('visual.transformer.') for k in state_dict)
@@ -604,6 +619,7 @@ def image_tower_kind(state_dict): # A CLIP state dict with OpenAI's key names
     raise ValueError("Cannot tell the image tower: a ViT has visual.conv1.weight and visual.transformer.* keys, a "
                      f"ResNet visual.layer1.* keys; this state dict has {', '.join(found)}")
 
+# %% ../nbs/01_model.ipynb #b423b4dc
 def infer_clip_config(state_dict, # A CLIP state dict with OpenAI's key names
                       transformer_heads:int=None, # Heads of the text tower; None: 64 channels per head
                       vision_heads:int=None): # Heads of the ViT or ResNet attention pool; None: 64 channels per head

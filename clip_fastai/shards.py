@@ -265,29 +265,33 @@ class ShardDL(CaptionDL, DistributedDL):
         self.rank, self.world_size = self.distributed_position()
         self.i, self.n, self.n_padded = 0, self.plan.n_real, self.plan.n_padded
 
-    def distributed_position(self) -> tuple:
-        "(rank, world size) from `torch.distributed`, else fastai's environment variables"
-        if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
-        return rank_distrib(), max(1, num_distrib())
-
-    @property
-    def n_samples(self) -> int:
-        "Samples in one epoch, over all processes"
-        return self.samples_per_epoch if self.samples_per_epoch is not None else sum(self.dataset.counted())
-
-    @property
-    def plan(self) -> _EpochPlan:
-        "This epoch's `_EpochPlan` for the current world size"
-        plan = _EpochPlan(self.n_samples, self.distributed_position()[1], self.bs, self.n_workers, self.drop_last)
-        if plan.n_batches == 0:
-            raise ValueError(f"{self.n_samples} samples make no full batch of {self.bs} in each of {plan.world_size} processes "
-                             "(drop_last=True): lower the batch size or pass drop_last=False")
-        return plan
-
-    def __len__(self): return self.plan.n_batches
     def get_idxs(self): return []
     def sample(self): return []
     def randomize(self): pass
+
+# %% ../nbs/02a_shards.ipynb #a5fb2c00
+@patch
+def distributed_position(self:ShardDL) -> tuple:
+    "(rank, world size) from `torch.distributed`, else fastai's environment variables"
+    if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
+    return rank_distrib(), max(1, num_distrib())
+
+@patch(as_prop=True)
+def n_samples(self:ShardDL) -> int:
+    "Samples in one epoch, over all processes"
+    return self.samples_per_epoch if self.samples_per_epoch is not None else sum(self.dataset.counted())
+
+@patch(as_prop=True)
+def plan(self:ShardDL) -> _EpochPlan:
+    "This epoch's `_EpochPlan` for the current world size"
+    plan = _EpochPlan(self.n_samples, self.distributed_position()[1], self.bs, self.n_workers, self.drop_last)
+    if plan.n_batches == 0:
+        raise ValueError(f"{self.n_samples} samples make no full batch of {self.bs} in each of {plan.world_size} processes "
+                         "(drop_last=True): lower the batch size or pass drop_last=False")
+    return plan
+
+@patch
+def __len__(self:ShardDL): return self.plan.n_batches
 
 # %% ../nbs/02a_shards.ipynb #0bc1ba53
 @patch
@@ -334,6 +338,7 @@ def _read_segments(self:ShardDL, segments, w:int):
         except Exception as e:
             self._note(w, f"Shard {url} could not be read past sample {n} ({e}); its samples {max(n, first)}..{end-1} are missing")
 
+# %% ../nbs/02a_shards.ipynb #d7812504
 @patch
 def _resampled(self:ShardDL, rank:int, w:int):
     "Samples of shards drawn at random with replacement, without end"
@@ -345,6 +350,15 @@ def _resampled(self:ShardDL, rank:int, w:int):
         except Exception as e: self._note(w, f"Shard {url} could not be read past sample {n} ({e})")
         failures = 0 if n else failures + 1
         if failures > 10 * len(self.dataset.urls): raise RuntimeError(f"No sample could be read from {failures} shards drawn in a row")
+
+# %% ../nbs/02a_shards.ipynb #976e3ce3
+def _merged(runs):
+    "Consecutive (start, stop) runs joined"
+    out = []
+    for a, b in runs:
+        if out and out[-1][1] == a: out[-1] = (out[-1][0], b)
+        else: out.append((a, b))
+    return out
 
 @patch
 def _worker_streams(self:ShardDL, plan, rank:int, w:int):
@@ -362,14 +376,6 @@ def _worker_streams(self:ShardDL, plan, rank:int, w:int):
     pad_runs = [(base + (pad_start + k) % plan.n_real, base + (pad_start + k) % plan.n_real + 1) for k in range(n_pad)]
     pad = self._read_segments((s for a, b in _merged(pad_runs) for s in self._segments(a, b)), w)
     return real, pad
-
-def _merged(runs):
-    "Consecutive (start, stop) runs joined"
-    out = []
-    for a, b in runs:
-        if out and out[-1][1] == a: out[-1] = (out[-1][0], b)
-        else: out.append((a, b))
-    return out
 
 # %% ../nbs/02a_shards.ipynb #e71c8fed
 @patch
@@ -390,6 +396,7 @@ def _make_batch(self:ShardDL, samples:list, rows:int, rank:int, j:int, w:int):
     self._last_good = items[good[-1]] if good else self._last_good
     return self.do_batch(items)
 
+# %% ../nbs/02a_shards.ipynb #9c7f8319
 @patch
 def _worker_batches(self:ShardDL, plan, rank:int, w:int):
     "The batches of worker `w` of process `rank`: batches w, w + n_workers, … of the epoch, from `start_batch` on"
@@ -440,6 +447,7 @@ def before_iter(self:ShardDL):
     self._warned = 0
     self.fake_l.generator = torch.Generator().manual_seed(_batch_seed(self.seed, self.epoch, self.rank, 'workers'))
 
+# %% ../nbs/02a_shards.ipynb #05385366
 @patch
 def __iter__(self:ShardDL):
     for b in super(ShardDL, self).__iter__():

@@ -160,6 +160,7 @@ def before_batch(self:ThroughputCallback):
     if self.iter == self.skip: self.start = self.batch_end if self.timing else self.stamp()
     if self.timing: self.times = [self.batch_end, self.stamp()]
 
+# %% ../nbs/03c_throughput.ipynb #7aa2d96b
 @patch
 def after_loss(self:ThroughputCallback):
     if self.training and self.timing: self.times.append(self.stamp())

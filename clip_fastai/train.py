@@ -4,18 +4,21 @@
 
 # %% auto #0
 __all__ = ['clip_losses', 'clip_optimizer', 'contrastive_loss', 'ContrastiveLoss', 'named_loss', 'unwrap_model',
-           'no_weight_decay_params', 'projection_params', 'clip_splitter', 'CLIPTrainer', 'CLIPLearner', 'clip_learner']
+           'no_weight_decay_params', 'projection_params', 'clip_splitter', 'CLIPTrainer', 'CLIPLearner', 'clip_learner',
+           'warmup_cosine']
 
 # %% ../nbs/03_train.ipynb #0ce74ce8
 import math, sys, warnings
 from functools import partial
+import numpy as np
 import torch, torch.nn.functional as F
 from torch import nn
-from fastcore.basics import store_attr, ifnone
+from fastcore.basics import store_attr, ifnone, patch
 from fastcore.foundation import L
 from fastcore.meta import delegates
 from fastai.callback.core import Callback, CancelFitException, CancelBatchException
 from fastai.callback.mixup import MixHandler
+from fastai.callback.schedule import ParamScheduler
 from fastai.learner import Learner
 from fastai.optimizer import Adam
 from .data import TensorMatchId
@@ -229,3 +232,28 @@ def clip_learner(dls, # `DataLoaders` of (image, text, match id) batches
     trainer = ifnone(trainer, CLIPTrainer(loss_func))
     return CLIPLearner(dls, model, loss_func=trainer.loss_func, opt_func=opt_func, splitter=splitter, train_bn=train_bn,
                        cbs=[trainer, *L(cbs)], **kwargs)
+
+# %% ../nbs/03_train.ipynb #91b6ea35
+def warmup_cosine(lr_max, # Peak learning rate: a number, or an array with one per parameter group
+                  warmup:float=0.1): # Share of the steps spent rising linearly from 0 to `lr_max`
+    "Schedule of training progress `pos` in [0, 1]: linear warm-up to `lr_max`, then a cosine decay to 0"
+    if not 0 <= warmup < 1: raise ValueError(f"warmup is a share of the steps, in [0, 1), not {warmup!r}")
+    def _inner(pos):
+        if pos < warmup: return lr_max * pos / warmup
+        return lr_max * (1 + math.cos(math.pi * (pos - warmup) / (1 - warmup))) / 2
+    return _inner
+
+@patch
+def fit_warmup_cosine(self:Learner, n_epoch:int, # Number of epochs
+                      lr_max=None, # Peak learning rate, or a `slice` for discriminative rates; default `self.lr`
+                      warmup:float=0.1, # Share of the steps spent warming up
+                      wd:float=None, # Weight decay; default the optimizer's
+                      cbs=None, # Callbacks for this fit only
+                      reset_opt:bool=False, # Start with a new optimizer
+                      start_epoch:int=0): # Resume at this epoch (the schedule continues where it was)
+    "Fit with the CLIP paper's schedule: `warmup_cosine` learning rates, momentum left as the optimizer sets it"
+    if self.opt is None: self.create_opt()
+    self.opt.set_hyper('lr', self.lr if lr_max is None else lr_max)
+    lr_max = np.array([h['lr'] for h in self.opt.hypers])
+    self.fit(n_epoch, cbs=[ParamScheduler({'lr': warmup_cosine(lr_max, warmup)})] + L(cbs), reset_opt=reset_opt, wd=wd,
+             start_epoch=start_epoch)
