@@ -3,7 +3,7 @@
 This file is also the worker: `launch` (of tests/test_distributed.py) runs it under torchrun, and each scenario
 saves what its process computed in OUT/SCENARIO.rank{R}.pt. Every test compares that with the same loss computed
 here in one process on the global batch (or with open_clip's `SigLipLoss`)."""
-import sys, json, tempfile
+import importlib.util, sys, json, tempfile
 from pathlib import Path
 import pytest, torch
 import torch.nn.functional as F, torch.distributed as dist
@@ -43,16 +43,10 @@ def siglip_learner(items, bs:int):
 TRAINING = {2: (11, 4, [[0, 1, 2, 3, 6, 7, 8, 9], [4, 5, 10]]),  # rank 1's last batch: item 10 and a repeat of item 0
             3: (10, 2, [[0, 1, 4, 5, 8, 9], [2, 3, 6, 7]])}  # rank 2: items 8 and 9, then a batch of padding only
 
-def peak_bytes(fn) -> int:
-    "Peak of the CPU memory allocated while `fn()` runs, above what was allocated when it started (torch profiler)"
-    from torch.profiler import profile, ProfilerActivity
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof: fn()
-    with tempfile.TemporaryDirectory() as folder:
-        prof.export_chrome_trace(f'{folder}/trace.json')
-        memory = [e['args'] for e in json.loads(Path(f'{folder}/trace.json').read_text())['traceEvents'] if e.get('name') == '[memory]']
-    if not memory: return 0
-    start = memory[0]['Total Allocated'] - max(memory[0]['Bytes'], 0)
-    return max(m['Total Allocated'] for m in memory) - start
+# one home for the measurement: the memory benchmark's, so that test and table measure the same way
+_spec = importlib.util.spec_from_file_location('siglip_memory', Path(__file__).parents[1]/'bench'/'siglip_memory.py')
+siglip_memory = importlib.util.module_from_spec(_spec); _spec.loader.exec_module(siglip_memory)
+peak_bytes = siglip_memory.peak_bytes
 
 # scenarios, run in every process
 
