@@ -74,7 +74,7 @@ def argument_errors():
 def check_arguments(data=None, descriptions=None, images=None, model='tiny-resnet', image_size=32, context_length=77,
                     bs=64, epochs=12, lr=3e-3, precision='fp32', valid_pct=0.2, num_workers=None, out='clip_model', pretrained=None,
                     loss='contrastive', patch_dropout=0.,
-                    valid=None, samples_per_epoch=None, resampled=False):
+                    valid=None, samples_per_epoch=None, resampled=False, warmup=None):
     "Raise `ArgumentError` for the first bad argument of the commands (`None`: not given); read no data, build nothing"
     if model is not None and model not in clip_configs: raise ArgumentError(f"--model {model!r} is unknown; choose one of {', '.join(clip_configs)}")
     if precision not in ('fp32', 'fp16', 'bf16'): raise ArgumentError(f"--precision must be fp32, fp16 or bf16, not {precision!r}")
@@ -84,12 +84,19 @@ def check_arguments(data=None, descriptions=None, images=None, model='tiny-resne
         smallest = clip_config(model)['vision_patch_size'] or 32 # a ResNet downsamples 32 times
         if image_size < smallest: raise ArgumentError(f"--image-size {image_size} is smaller than {model}'s {smallest} pixels per feature")
     if not lr > 0: raise ArgumentError(f"--lr must be positive, not {lr}")
+    if warmup is not None and not 0 <= warmup < 1: raise ArgumentError(f"--warmup is a share of the steps, at least 0 and below 1, not {warmup}")
     if loss not in clip_losses: raise ArgumentError(f"--loss must be one of {', '.join(clip_losses)}, not {loss!r}")
     if not 0 <= patch_dropout < 1: raise ArgumentError(f"--patch-dropout must be at least 0 and below 1, not {patch_dropout}")
     if patch_dropout and model is not None and clip_configs[model]['vision_patch_size'] is None:
         raise ArgumentError(f"--patch-dropout drops a ViT's patches, and {model} is a ResNet: choose a ViT (tiny-vit, ViT-B/32, ...)")
     if not 0 < valid_pct < 1: raise ArgumentError(f"--valid-pct must be between 0 and 1, not {valid_pct}")
     if num_workers is not None and num_workers < 0: raise ArgumentError(f"--num-workers must be 0 or more, not {num_workers}")
+    check_data_arguments(data, descriptions, images, valid, samples_per_epoch, resampled)
+    check_output(out, pretrained)
+
+# %% ../nbs/08_cli.ipynb #7227ad47
+def check_data_arguments(data=None, descriptions=None, images=None, valid=None, samples_per_epoch=None, resampled=False):
+    "Raise `ArgumentError` for the first data argument that cannot be read, or that the data does not take"
     shards = data is not None and is_shards(data)
     if shards: check_shards(data, 'data ')
     if valid is not None and not shards: raise ArgumentError(f"--valid {valid} is for shards as data (a .tar path or pattern, pipe: command or .txt list)")
@@ -111,6 +118,9 @@ def check_arguments(data=None, descriptions=None, images=None, model='tiny-resne
     if images is not None and (data is None or Path(data).suffix != '.json'): raise ArgumentError("--images is for a COCO .json file as data")
     if images is not None and not (Path(data).parent/images).is_dir():
         raise ArgumentError(f"--images {images} is not a folder (it is read relative to {Path(data).parent})")
+
+def check_output(out='clip_model', pretrained=None):
+    "Raise `ArgumentError` when `--pretrained` is missing, or `--out` cannot be written or would overwrite it"
     if pretrained is not None and not Path(pretrained).exists(): raise ArgumentError(f"--pretrained {pretrained} does not exist")
     out = Path(out).absolute()
     if pretrained is not None and Path(pretrained).resolve() in (out.resolve(), (out/'model.pth').resolve()):
@@ -202,6 +212,46 @@ def check_resume(out:Path, # The command's `--out`, absolute
         raise ArgumentError(f"--resume: {fn} was written with other arguments ({_differences(saved['settings'], settings)}): resume with the same ones")
     return ifnone(save_every, saved['every'])
 
+# %% ../nbs/08_cli.ipynb #bfe6637b
+def starting_model(pretrained, model, image_size:int, context_length:int, loss:str='contrastive', patch_dropout:float=0.):
+    "The `CLIP` to start from (`None`: a new one), its tokenizer and image size; `ArgumentError` when `--pretrained` cannot serve"
+    if not pretrained: return None, ClipTokenizer(context_length=context_length), image_size
+    clip, tokenizer = load_pretrained(pretrained, model, image_size, context_length)
+    if loss == 'siglip' and not hasattr(clip, 'logit_bias'):
+        raise ArgumentError(f"--loss siglip needs a model with a logit_bias (a SigLIP checkpoint); --pretrained {pretrained} has none")
+    if patch_dropout:
+        try: clip = CLIP.from_state_dict(clip, patch_dropout=patch_dropout)
+        except ValueError as e: raise ArgumentError(f"--patch-dropout with --pretrained {pretrained}: {e}") from e
+    return clip, tokenizer, clip.config['image_size']
+
+def check_launcher():
+    "`ArgumentError` under `accelerate launch --cpu`, which starts one process where N were asked, with the commands that work"
+    if lone_accelerate_cpu_process():
+        raise ArgumentError("`accelerate launch --cpu` started 1 process (without MPI it starts no more); for N CPU processes run "
+                            "`accelerate launch --multi_gpu --num_processes N $(which clip-fastai-train) ...` on a machine "
+                            "without GPU, or `torchrun --nproc_per_node N --no-python clip-fastai-train ...`")
+
+# %% ../nbs/08_cli.ipynb #2d68bd9f
+def training_learner(dls, clip, loss:str, grad_checkpointing:bool, compile:bool, precision:str, out:Path):
+    "`clip_learner` with the command's metrics, throughput log, precision and compilation, saving in `out`"
+    # with class folders every image of a class shares its captions: count wrong classes, not wrong rows
+    candidates = 'ids' if hasattr(dls, 'classes') else 'rows'
+    metrics = [RetrievalAtK(k, candidates=candidates) for k in (1, 5, 'median')]
+    clip.set_grad_checkpointing(grad_checkpointing)
+    # samples/s, phase times, FLOP/s and (on a known GPU) MFU: columns of the log
+    learn = clip_learner(dls, clip, loss_func=loss, metrics=metrics, cbs=ThroughputCallback(), path=out, model_dir='.')
+    if compile: learn.compile()
+    if precision == 'fp16': learn.to_fp16()
+    elif precision == 'bf16': learn.to_bf16()
+    return learn
+
+def fit_training(learn, epochs:int, lr:float, warmup:float, loss:str, progress=None):
+    "`fit_warmup_cosine`, in a distributed run with `DistributedCLIPTrainer` in every process"
+    if num_distrib() > 1:
+        learn.remove_cb(learn.clip_trainer).add_cb(DistributedCLIPTrainer(loss_func=loss))
+        with learn.distrib_ctx(): learn.fit_warmup_cosine(epochs, lr, warmup=warmup, cbs=progress)  # on CPU: gloo, no SyncBatchNorm
+    else: learn.fit_warmup_cosine(epochs, lr, warmup=warmup, cbs=progress)
+
 # %% ../nbs/08_cli.ipynb #3445069e
 @call_parse(pos=['data'])
 def clip_fastai_train(
@@ -217,7 +267,8 @@ def clip_fastai_train(
     context_length:int=None, # Tokens per caption (default 77; with --pretrained, the file's)
     bs:int=64, # Batch size (per process)
     epochs:int=12, # Number of epochs
-    lr:float=3e-3, # Maximum learning rate of the one-cycle schedule
+    lr:float=3e-3, # Peak learning rate: linear warm-up, then a cosine decay to 0 (the CLIP paper's schedule)
+    warmup:float=0.1, # Share of the steps spent warming up the learning rate
     precision:str='fp32', # fp32, fp16 or bf16 (mixed precision)
     grad_checkpointing:bool=False, # Recompute activations in backward to save memory
     compile:bool=False, # Compile the model with `torch.compile` (the first batches take longer)
@@ -237,39 +288,18 @@ def clip_fastai_train(
             model, image_size, context_length = ifnone(model, 'tiny-resnet'), ifnone(image_size, 32), ifnone(context_length, 77)
         check_arguments(data, descriptions, images, model, image_size, context_length, bs, epochs, lr, precision, valid_pct,
                         num_workers, out, pretrained, loss, patch_dropout,
-                        valid=valid, samples_per_epoch=samples_per_epoch, resampled=resampled)
-        if lone_accelerate_cpu_process():
-            raise ArgumentError("`accelerate launch --cpu` started 1 process (without MPI it starts no more); for N CPU processes run "
-                                "`accelerate launch --multi_gpu --num_processes N $(which clip-fastai-train) ...` on a machine "
-                                "without GPU, or `torchrun --nproc_per_node N --no-python clip-fastai-train ...`")
-        clip, tokenizer = (load_pretrained(pretrained, model, image_size, context_length) if pretrained
-                           else (None, ClipTokenizer(context_length=context_length)))
-        if clip is not None: image_size = clip.config['image_size']
-        if clip is not None and loss == 'siglip' and not hasattr(clip, 'logit_bias'):
-            raise ArgumentError(f"--loss siglip needs a model with a logit_bias (a SigLIP checkpoint); --pretrained {pretrained} has none")
-        if clip is not None and patch_dropout:
-            try: clip = CLIP.from_state_dict(clip, patch_dropout=patch_dropout)
-            except ValueError as e: raise ArgumentError(f"--patch-dropout with --pretrained {pretrained}: {e}") from e
+                        valid=valid, samples_per_epoch=samples_per_epoch, resampled=resampled, warmup=warmup)
+        check_launcher()
+        clip, tokenizer, image_size = starting_model(pretrained, model, image_size, context_length, loss, patch_dropout)
         out = Path(out).absolute() # `learn.path` is `out`: a relative one would be joined to itself
         save_every = check_resume(out, progress_settings(arguments), save_every, resume)
         set_seed(seed, reproducible=True)
         dls = (shard_dataloaders(data, valid, tokenizer, image_size, bs, samples_per_epoch, resampled, seed, num_workers) if is_shards(data)
                else checked_dataloaders(data, tokenizer, image_size, bs, descriptions, images, valid_pct, seed, num_workers))
-    # with class folders every image of a class shares its captions: count wrong classes, not wrong rows
-    candidates = 'ids' if hasattr(dls, 'classes') else 'rows'
-    metrics = [RetrievalAtK(k, candidates=candidates) for k in (1, 5, 'median')]
     if clip is None: clip = build_model(model, image_size, tokenizer, loss=loss, patch_dropout=patch_dropout)
-    clip.set_grad_checkpointing(grad_checkpointing)
-    # samples/s, phase times, FLOP/s and (on a known GPU) MFU: columns of the log
-    learn = clip_learner(dls, clip, loss_func=loss, metrics=metrics, cbs=ThroughputCallback(), path=out, model_dir='.')
-    if compile: learn.compile()
-    if precision == 'fp16': learn.to_fp16()
-    elif precision == 'bf16': learn.to_bf16()
+    learn = training_learner(dls, clip, loss, grad_checkpointing, compile, precision, out)
     progress = SaveProgress(save_every, resume=resume, settings=progress_settings(arguments)) if save_every else None
-    if num_distrib() > 1:
-        learn.remove_cb(learn.clip_trainer).add_cb(DistributedCLIPTrainer(loss_func=loss))
-        with learn.distrib_ctx(): learn.fit_one_cycle(epochs, lr, cbs=progress)  # on CPU: gloo, and no SyncBatchNorm
-    else: learn.fit_one_cycle(epochs, lr, cbs=progress)
+    fit_training(learn, epochs, lr, warmup, loss, progress)
     if rank_distrib() == 0:
         save_trained(learn, tokenizer, out)
         print(training_summary(learn, out, time.time() - start))

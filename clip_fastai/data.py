@@ -22,7 +22,7 @@ from fastai.data.block import DataBlock, TransformBlock
 from fastai.data.transforms import ColReader, ColSplitter, IntToFloatTensor, Normalize, get_image_files, image_extensions
 from fastai.vision.core import PILImage, TensorImage
 from fastai.vision.data import get_grid
-from fastai.vision.augment import RandTransform, RandomResizedCrop
+from fastai.vision.augment import RandTransform, RandomResizedCrop, Resize, ResizeMethod
 from .tokenizer import ClipTokenizer
 
 # %% ../nbs/02_data.ipynb #05b85e0b
@@ -69,9 +69,13 @@ def open_image(fn) -> PILImage:
 
 # %% ../nbs/02_data.ipynb #545ade3d
 def clip_image_tfms(size:int=224, # Side of the square images the model sees
-                    min_scale:float=0.9): # Smallest share of the image a training crop keeps
-    "Item and batch transforms for CLIP images: random crop (centre crop on validation), CLIP normalisation"
-    return [RandomResizedCrop(size, min_scale=min_scale)], [IntToFloatTensor(), Normalize.from_stats(CLIP_MEAN, CLIP_STD)]
+                    min_scale:float=0.9, # Smallest share of the image a training crop keeps
+                    resample=Image.BICUBIC): # PIL filter for resizing (OpenAI and open_clip resize bicubic)
+    "Item and batch transforms for CLIP images: random crop for training, centre square on validation, CLIP normalisation"
+    resamples = (resample, Image.NEAREST)  # images, masks
+    train = RandomResizedCrop(size, min_scale=min_scale, resamples=resamples, split_idx=0)
+    valid = Resize(size, method=ResizeMethod.Crop, resamples=resamples, split_idx=1)  # short side to `size`, then the centre
+    return [train, valid], [IntToFloatTensor(), Normalize.from_stats(CLIP_MEAN, CLIP_STD)]
 
 # %% ../nbs/02_data.ipynb #4241ed02
 class PickCaption(RandTransform):

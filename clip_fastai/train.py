@@ -84,8 +84,8 @@ def unwrap_model(model):
     return model
 
 def no_weight_decay_params(model) -> list:
-    "Parameters the paper exempts from weight decay: gains, biases, embeddings and `logit_scale`"
-    return [p for name, p in unwrap_model(model).named_parameters() if p.ndim < 2 or 'embedding' in name or 'logit_scale' in name]
+    "Parameters exempt from weight decay: gains and biases (the paper's), `logit_scale` and `logit_bias` (open_clip's)"
+    return [p for name, p in unwrap_model(model).named_parameters() if p.ndim < 2 or name in ('logit_scale', 'logit_bias')]
 
 # %% ../nbs/03_train.ipynb #a9c3d387
 def projection_params(model) -> list:
