@@ -22,7 +22,7 @@ from fastai.learner import Learner
 from fastai.distributed import DistributedDL
 from .model import batchnorm_statistics_kept
 from .resume import rng_states, set_rng_states
-from .train import CLIPLearner, CLIPTrainer, clip_optimizer, match_targets, ContrastiveLoss, contrastive_loss, match_ids_of, named_loss, no_weight_decay_params, unwrap_model
+from .train import CLIPLearner, CLIPTrainer, clip_optimizer, match_targets, ContrastiveLoss, contrastive_loss, named_loss, no_weight_decay_params, unwrap_model
 
 # %% ../nbs/05_distributed.ipynb #1cf22e86
 def process_group_size() -> int:
@@ -93,12 +93,10 @@ class GatheredContrastiveLoss(ContrastiveLoss):
         store_attr()
         self.real_rows = None  # rows of the current batch that are not padding; set by `DistributedCLIPTrainer`
 
-    def __call__(self, pred, *yb):
+    def loss(self, pred, match_ids):
         if self.reduction != 'mean':  # as fastai's `get_preds(with_loss=True)` asks
             raise ValueError("The gathered loss has no per-row values: call `get_preds(with_loss=True)` with `CLIPTrainer`, in one process")
         image_features, text_features, logit_scale = pred[:3]
-        match_ids = match_ids_of(yb)
-        if match_ids is not None: match_ids = match_ids.as_subclass(torch.Tensor)
         rows = len(image_features) if self.real_rows is None else self.real_rows
         image_features, text_features = image_features[:rows], text_features[:rows]
         if match_ids is not None: match_ids = match_ids[:rows]
