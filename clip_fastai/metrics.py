@@ -9,6 +9,7 @@ __all__ = ['retrieval_ranks', 'RetrievalAtK', 'evaluation_mode', 'embed_dataload
 import math, sys, warnings, textwrap
 from contextlib import contextmanager
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import store_attr, patch, ifnone
 from fastcore.foundation import L
@@ -236,6 +237,28 @@ def show_results(self:CLIPLearner, ds_idx:int=1, # Which `DataLoader` of `dls`: 
                  **kwargs): # Passed to `show_retrievals`
     "Show images with their `k` best captions, ✓ right and ✗ wrong (`show_retrievals`)"
     return show_retrievals(self, max_n, k, ifnone(dl, self.dls[ds_idx].new(shuffle=False, drop_last=False)), **kwargs)
+
+# %% ../nbs/04_metrics.ipynb #72cb8cd8
+def _image_side(preds): return preds[0] if isinstance(preds, tuple) else preds  # one-side `test_dl`s give one tensor
+
+@patch
+def tta(self:CLIPLearner, ds_idx:int=1, # Which `DataLoader` of `dls`: 1 validation, 0 training
+        dl=None, # Or a `DataLoader`, such as `dls.test_dl` of images
+        n:int=4, # Augmented passes
+        item_tfms=None, # Replace the item transforms of `dl`, as in fastai's `tta`
+        batch_tfms=None, # Replace the batch transforms of `dl`
+        beta:float=0.25, # Share of the plain pass; `None` returns the augmented image embeddings beside `get_preds`'s output
+        use_max:bool=False): # Largest value of the passes instead of their mean
+    "fastai's `tta` for embeddings: `get_preds`'s (image, text) embeddings and targets, the images' averaged over augmented passes"
+    if dl is None: dl = self.dls[ds_idx].new(shuffle=False, drop_last=False)
+    if item_tfms is not None or batch_tfms is not None: dl = dl.new(after_item=item_tfms, after_batch=batch_tfms)
+    with dl.dataset.set_split_idx(0): passes = torch.stack([_image_side(self.get_preds(dl=dl)[0]) for _ in range(n)])
+    augmented = passes.max(0)[0] if use_max else passes.mean(0)
+    preds, targets = self.get_preds(dl=dl)
+    if beta is None: return (F.normalize(augmented, dim=-1), preds), targets
+    images = F.normalize(torch.lerp(augmented, _image_side(preds), beta), dim=-1)
+    return ((images, *preds[1:]) if isinstance(preds, tuple) else images), targets
+
 
 # %% ../nbs/04_metrics.ipynb #94e10c21
 @patch

@@ -440,6 +440,9 @@ def encode_text(self:CLIP, text): # [batch, context_length] token ids, ending wi
     if self.trim_captions and not torch.compiler.is_compiling():
         # attention is causal: the padding after the last end-of-text token cannot change any feature
         text = text[:, :int(end_of_text.max()) + 1]  # [batch, length]; `int` waits for a GPU
+    if text.shape[-1] > self.context_length:  # the positional embedding has `context_length` rows
+        raise ValueError(f"Captions of {text.shape[-1]} tokens, but this model reads at most {self.context_length}: tokenize "
+                         f"them with ClipTokenizer(context_length={self.context_length})")
     x = self.token_embedding(text)  # [batch, length, width]
     x = x + self.positional_embedding[:text.shape[-1]].to(x.dtype)
     x = self.transformer(x)
@@ -523,6 +526,9 @@ def load_checkpoint_file(path:str|Path): # A `torch.save` file or a TorchScript 
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"No checkpoint file at {path}")
     if is_torchscript_archive(path): return torch.jit.load(path, map_location='cpu')
+    with open(path, 'rb') as f: pickled = f.read(1) == b'\x80'  # a pickle's protocol opcode
+    if not (pickled or zipfile.is_zipfile(path)):  # `torch.save` writes a zip archive (a pickle before torch 1.6)
+        raise ValueError(f"{path} is not a file of torch.save nor a TorchScript archive: neither a zip archive nor a pickle")
     try: return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as error:
         raise ValueError(f"{path} holds Python objects that torch.load(weights_only=True) refuses to unpickle "

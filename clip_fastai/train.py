@@ -230,7 +230,7 @@ def _learner_config(learn) -> dict:
 
 # %% ../nbs/03_train.ipynb #c906d89b
 class CLIPLearner(Learner):
-    "A fastai `Learner` for CLIP models, with CLIP-aware `predict`, `show_results` and `distrib_ctx`"
+    "A fastai `Learner` for CLIP models, with CLIP-aware `predict`, `show_results`, `tta` and `distrib_ctx`"
     def _split(self, b):
         super()._split(b)
         # plain tensors, as `CastToTensor` gives the model anyway; `torch.jit.trace` (TensorBoard's graph) refuses subclasses
