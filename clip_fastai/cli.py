@@ -233,6 +233,11 @@ def check_launcher():
                             "without GPU, or `torchrun --nproc_per_node N --no-python clip-fastai-train ...`")
 
 # %% ../nbs/09_cli.ipynb #2d68bd9f
+def set_precision(learn, precision:str): # 'fp32', 'fp16' or 'bf16'
+    "fastai's mixed precision for 'fp16' and 'bf16' (full precision for 'fp32')"
+    if precision == 'fp16': learn.to_fp16()
+    elif precision == 'bf16': learn.to_bf16()
+
 def training_learner(dls, clip, loss:str, grad_checkpointing:bool, compile:bool, precision:str, out:Path):
     "`clip_learner` with the command's metrics, throughput log, precision and compilation, saving in `out`"
     # with class folders every image of a class shares its captions: count wrong classes, not wrong rows
@@ -242,8 +247,7 @@ def training_learner(dls, clip, loss:str, grad_checkpointing:bool, compile:bool,
     # samples/s, phase times, FLOP/s and (on a known GPU) MFU: columns of the log
     learn = clip_learner(dls, clip, loss_func=loss, metrics=metrics, cbs=ThroughputCallback(), path=out, model_dir='.')
     if compile: learn.compile()
-    if precision == 'fp16': learn.to_fp16()
-    elif precision == 'bf16': learn.to_bf16()
+    set_precision(learn, precision)
     return learn
 
 def fit_training(learn, epochs:int, lr:float, warmup:float, loss:str, progress=None):
@@ -351,10 +355,11 @@ def check_finetune_arguments(data=None, pretrained=None, freeze_epochs:int=0, lr
     if num_distrib() > 1: raise ArgumentError("clip-fastai-finetune trains in one process: run it without a launcher")
 
 # %% ../nbs/09_cli.ipynb #ada057c5
-def fit_finetune(learn, zero_shot, epochs:int, freeze_epochs:int, lr:float, lr_mult:float, wise_ft:float=None):
-    "Fine-tune `learn.model` (`fine_tune` with frozen epochs, else one cycle) and mix in `zero_shot`, printing the accuracies"
+def fit_finetune(learn, epochs:int, freeze_epochs:int, lr:float, lr_mult:float, wise_ft:float=None):
+    "Fine-tune `learn.model` (`fine_tune` with frozen epochs, else one cycle), with WiSE-FT if `wise_ft`, printing the accuracies"
     def report(when): print(f"Zero-shot top-1 accuracy {when}: {zero_shot_accuracy(learn.model, learn.dls)['top1']:.4f}")
     report('before fine-tuning')
+    zero_shot = copy.deepcopy(learn.model) if wise_ft is not None else None  # the weights WiSE-FT mixes back
     if freeze_epochs: learn.fine_tune(epochs, lr, freeze_epochs=freeze_epochs, lr_mult=lr_mult)
     else: learn.fit_one_cycle(epochs, slice(lr / lr_mult, lr))
     report('after fine-tuning')
@@ -395,13 +400,11 @@ def clip_fastai_finetune(
         out = Path(out).absolute()
         set_seed(seed, reproducible=True)
         dls = checked_dataloaders(data, tokenizer, clip.config['image_size'], bs, descriptions, None, valid_pct, seed, num_workers)
-    zero_shot = copy.deepcopy(clip) if wise_ft is not None else None
     clip.set_grad_checkpointing(grad_checkpointing)
     learn = finetune_learner(dls, clip, classification_weight=classification_weight, path=out, model_dir='.')
     if lock_image_tower: learn.lock_image_tower()
-    if precision == 'fp16': learn.to_fp16()
-    elif precision == 'bf16': learn.to_bf16()
-    fit_finetune(learn, zero_shot, epochs, freeze_epochs, lr, lr_mult, wise_ft)
+    set_precision(learn, precision)
+    fit_finetune(learn, epochs, freeze_epochs, lr, lr_mult, wise_ft)
     save_trained(learn, tokenizer, out)
     print(training_summary(learn, out, time.time() - start, freeze_epochs + epochs, 'Fine-tuned'))
     return learn
