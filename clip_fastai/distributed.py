@@ -7,7 +7,7 @@ __all__ = ['gather_with_grad', 'local_contrastive_loss', 'GatheredContrastiveLos
            'sharded_clip_optimizer', 'ContrastiveAccumulation']
 
 # %% ../nbs/05_distributed.ipynb #28aecf0a
-import math, os
+import atexit, functools, math, os
 from contextlib import nullcontext, contextmanager
 from functools import partial
 import torch, torch.distributed as dist, torch.nn.functional as F
@@ -182,7 +182,19 @@ def distrib_ctx(self:CLIPLearner,
                            "`accelerate launch --multi_gpu --num_processes N script.py` on a machine without GPU, or "
                            "`torchrun --nproc_per_node N script.py`")
     on_gpu = torch.cuda.is_available()
-    with Learner.distrib_ctx(self, ifnone(sync_bn, on_gpu), in_notebook, cpu=ifnone(cpu, not on_gpu), **kwargs): yield self
+    with Learner.distrib_ctx(self, ifnone(sync_bn, on_gpu), in_notebook, cpu=ifnone(cpu, not on_gpu), **kwargs):
+        destroy_process_group_at_exit()  # the group accelerate made stays for what follows, until the program ends
+        yield self
+
+# %% ../nbs/05_distributed.ipynb #6a8e6c59
+def _destroy_process_group():
+    if dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
+
+@functools.cache  # registered once per process
+def destroy_process_group_at_exit():
+    "Destroy the default process group (if any is left) as the program exits, before Python's teardown"
+    atexit.register(_destroy_process_group)
+
 
 # %% ../nbs/05_distributed.ipynb #27cb9a66
 class ShardedOptimizer(OptimWrapper):

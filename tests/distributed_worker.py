@@ -3,7 +3,7 @@
 Each scenario trains a tiny CLIP with fastai's `distrib_ctx` on CPU (gloo) and saves what the tests compare
 (losses, gradients, weights, metric values) in OUT/SCENARIO.rank{R}.pt. The same helpers build the
 single-process references in the test, so both sides start from identical weights and data."""
-import sys, math
+import atexit, sys, math
 from functools import partial
 from pathlib import Path
 import torch, torch.distributed as dist
@@ -163,6 +163,8 @@ if __name__ == '__main__':
     out, scenarios = Path(sys.argv[1]), sys.argv[2:]
     torch.set_num_threads(1)
     PartialState(cpu=True)  # the gloo process group, as `distrib_ctx(cpu=True)` makes it
+    # registered before `distrib_ctx` registers its clean-up, so it runs after it (last in, first out): the group is gone
+    atexit.register(lambda rank=rank_distrib(): (out/f'exit.rank{rank}.txt').write_text(str(dist.is_initialized())))
     for scenario in scenarios:
         result = globals()[f'scenario_{scenario}']()
         torch.save(result, out/f'{scenario}.rank{rank_distrib()}.pt')

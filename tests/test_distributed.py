@@ -130,6 +130,8 @@ def test_resnet_distrib_ctx_defaults(tmp_path):
     "On CPU, `learn.distrib_ctx()` with no arguments trains a ResNet in 2 processes, which end with the same weights"
     results = launch(tmp_path, 'resnet_defaults')('resnet_defaults')
     assert [r['batchnorm'] for r in results] == ['BatchNorm2d', 'BatchNorm2d']
+    # `distrib_ctx` destroyed the process group as the processes exited (gloo aborts a process that keeps it to the end)
+    assert [(tmp_path/f'exit.rank{rank}.txt').read_text() for rank in range(2)] == ['False', 'False']
     state0, state1 = results[0]['state'], results[1]['state']
     # parameters are synchronised by DDP; BatchNorm running statistics are each process's own
     for name in state0:
