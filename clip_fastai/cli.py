@@ -11,11 +11,14 @@ from contextlib import contextmanager
 from types import SimpleNamespace
 from pathlib import Path
 import torch
+import fastprogress.fastprogress
 from fastcore.basics import ifnone
 from fastcore.script import call_parse
 from fastai.torch_core import rank_distrib, num_distrib, set_seed
 from fastai.callback.schedule import fit_one_cycle, fine_tune
 from fastai.callback.fp16 import to_fp16, to_bf16
+from fastai.callback.core import Callback
+from fastai.distributed import DistributedTrainer
 from .tokenizer import ClipTokenizer
 from .model import CLIP, clip_configs, clip_config
 import clip_fastai.pretrained # `CLIP.from_pretrained`
@@ -232,6 +235,25 @@ def check_launcher():
                             "`accelerate launch --multi_gpu --num_processes N $(which clip-fastai-train) ...` on a machine "
                             "without GPU, or `torchrun --nproc_per_node N --no-python clip-fastai-train ...`")
 
+# %% ../nbs/09_cli.ipynb #0d2a131a
+@contextmanager
+def bars_on_terminals_only():
+    "fastprogress's bars only when stdout is a terminal (fastprogress's own check reads `isatty` without calling it)"
+    no_bar = fastprogress.fastprogress.NO_BAR
+    fastprogress.fastprogress.NO_BAR = no_bar or not sys.stdout.isatty()
+    try: yield
+    finally: fastprogress.fastprogress.NO_BAR = no_bar
+
+class PrintPlan(Callback):
+    "Print, from rank 0 as fitting starts, its epochs, the batches of an epoch and their size, and the processes"
+    order = DistributedTrainer.order + 1  # after `DistributedTrainer` has given each process its share of the batches
+    def before_fit(self):
+        if rank_distrib(): return
+        epochs, processes = self.n_epoch, max(1, num_distrib())
+        print(f"Training {epochs} epoch{'s' if epochs != 1 else ''} of {len(self.dls.train)} batches of {self.dls.train.bs}"
+              + (f" in each of {processes} processes" if processes > 1 else ""))
+
+
 # %% ../nbs/09_cli.ipynb #2d68bd9f
 def set_precision(learn, precision:str): # 'fp32', 'fp16' or 'bf16'
     "fastai's mixed precision for 'fp16' and 'bf16' (full precision for 'fp32')"
@@ -251,11 +273,12 @@ def training_learner(dls, clip, loss:str, grad_checkpointing:bool, compile:bool,
     return learn
 
 def fit_training(learn, epochs:int, lr:float, warmup:float, loss:str, progress=None):
-    "`fit_warmup_cosine`, in a distributed run with `DistributedCLIPTrainer` in every process"
-    if num_distrib() > 1:
+    "`fit_warmup_cosine`, in a distributed run with `DistributedCLIPTrainer` in every process; the plan first"
+    with bars_on_terminals_only(), learn.added_cbs(PrintPlan()):
+        if num_distrib() <= 1: return learn.fit_warmup_cosine(epochs, lr, warmup=warmup, cbs=progress)
         learn.remove_cb(learn.clip_trainer).add_cb(DistributedCLIPTrainer(loss_func=loss))
         with learn.distrib_ctx(): learn.fit_warmup_cosine(epochs, lr, warmup=warmup, cbs=progress)  # on CPU: gloo, no SyncBatchNorm
-    else: learn.fit_warmup_cosine(epochs, lr, warmup=warmup, cbs=progress)
+
 
 # %% ../nbs/09_cli.ipynb #65ea06aa
 def training_inputs(arguments:dict): # `clip_fastai_train`'s arguments, by name
@@ -360,8 +383,9 @@ def fit_finetune(learn, epochs:int, freeze_epochs:int, lr:float, lr_mult:float, 
     def report(when): print(f"Zero-shot top-1 accuracy {when}: {zero_shot_accuracy(learn.model, learn.dls)['top1']:.4f}")
     report('before fine-tuning')
     zero_shot = copy.deepcopy(learn.model) if wise_ft is not None else None  # the weights WiSE-FT mixes back
-    if freeze_epochs: learn.fine_tune(epochs, lr, freeze_epochs=freeze_epochs, lr_mult=lr_mult)
-    else: learn.fit_one_cycle(epochs, slice(lr / lr_mult, lr))
+    with bars_on_terminals_only(), learn.added_cbs(PrintPlan()):
+        if freeze_epochs: learn.fine_tune(epochs, lr, freeze_epochs=freeze_epochs, lr_mult=lr_mult)
+        else: learn.fit_one_cycle(epochs, slice(lr / lr_mult, lr))
     report('after fine-tuning')
     if wise_ft is not None:
         learn.model = finetune.wise_ft(zero_shot, learn.model, wise_ft)
